@@ -1,0 +1,1 @@
+"""The generation engine: paged KV cache, continuous batching, prefix caching, native models."""
