@@ -1,0 +1,273 @@
+"""LLMEngine: requests in, one scheduled batch per step, finished requests out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from flywheel.engine.config import EngineConfig
+from flywheel.engine.kv_cache import BlockManager
+from flywheel.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from flywheel.engine.sampler import Sampler, SamplerOutput
+from flywheel.engine.sampling import SamplingParams
+from flywheel.engine.scheduler import Scheduler
+from flywheel.engine.sequence import Sequence
+from flywheel.engine.tensor_parallel import RankGroup
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    preemptions: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.ranks = RankGroup(config)
+        self.runner = self.ranks.runner
+        self.hf_config = self.runner.hf_config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model, revision=config.revision)
+        self.max_model_len = self._max_model_len()
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(8192, self.max_model_len)
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
+            )
+        self.num_blocks = self.runner.plan_num_blocks(self.max_model_len, config.max_num_seqs)
+        capacity = self.num_blocks * config.block_size
+        if capacity < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({self.num_blocks} blocks), fewer than max_model_len "
+                f"({self.max_model_len}): give it more memory or lower max_model_len"
+            )
+        self.ranks.call("allocate_kv_cache", self.num_blocks)
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
+        self.sampler = Sampler(self.hf_config.vocab_size, self.runner.device, config.seed)
+        self.eos_token_ids = self._eos_token_ids()
+        self.requests: dict[str, _Request] = {}
+        self.stats = EngineStats()
+        self.sleeping = False
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens; %.1f sequences of max_model_len %d)",
+            self.num_blocks, config.block_size, capacity, capacity / self.max_model_len, self.max_model_len,
+        )
+
+    def _max_model_len(self) -> int:
+        limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        if self.config.max_model_len is None:
+            return limit
+        if self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's context length {limit}")
+        return self.config.max_model_len
+
+    def _eos_token_ids(self) -> set[int]:
+        sources = [getattr(self.hf_config, "eos_token_id", None), self.tokenizer.eos_token_id]
+        try:
+            sources.append(GenerationConfig.from_pretrained(self.config.model).eos_token_id)
+        except OSError:
+            pass  # a checkpoint without generation_config.json
+        ids = set()
+        for value in sources:
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+        return ids
+
+    # Requests ------------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> None:
+        if self.sleeping:
+            raise RuntimeError("the engine is asleep: call wake_up() before generating")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids)
+        request = _Request(request_id, prompt, list(prompt_token_ids))
+        for index in range(params.n):
+            request.seqs.append(Sequence(request_id, index, prompt_token_ids, params, self._generator(params, index)))
+        parent = request.seqs[0]
+        parent.pending_forks = request.seqs[1:]
+        self.requests[request_id] = request
+        self.scheduler.add(parent)
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        if len(prompt_token_ids) == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; max_model_len is {self.max_model_len}, "
+                "which must leave room for at least one generated token"
+            )
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        return torch.Generator(device=self.runner.device).manual_seed(hash((params.seed, index)) & 0x7FFF_FFFF_FFFF)
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        self.requests.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # Steps ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch (prefill or decode); return the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        self.stats.steps += 1
+        if batch.is_prefill:
+            self.stats.prefill_tokens += batch.num_new_tokens
+        inputs = self.runner.prepare(batch)
+        logits = self.ranks.execute(inputs)
+        rows = [s for seq in batch.seqs for s in (seq, *seq.pending_forks)] if batch.is_prefill else batch.seqs
+        stop_ids = [self._stop_token_ids(seq.params) for seq in rows]
+        sampled = self.sampler(logits, rows, stop_ids)
+        if batch.is_prefill:
+            for seq in batch.seqs:
+                seq.num_cached_tokens = len(seq)
+                self.block_manager.register_computed_blocks(seq)
+                self._fork(seq)
+        else:
+            for seq in batch.seqs:
+                seq.num_cached_tokens = len(seq)
+                self.block_manager.register_computed_blocks(seq)
+        finished = self._append_tokens(rows, sampled, stop_ids)
+        self.scheduler.remove_finished()
+        self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.prefix_cache_hit_tokens = self.block_manager.prefix_cache_hit_tokens
+        return finished
+
+    def _fork(self, parent: Sequence) -> None:
+        for child in parent.pending_forks:
+            self.block_manager.fork(parent, child)
+            self.scheduler.running.append(child)
+        parent.pending_forks = []
+
+    def _stop_token_ids(self, params: SamplingParams) -> set[int]:
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids |= self.eos_token_ids
+        return ids
+
+    def _append_tokens(self, rows: list[Sequence], sampled: SamplerOutput, stop_ids: list[set[int]]) -> list[RequestOutput]:
+        finished_requests = []
+        for row, seq in enumerate(rows):
+            token = sampled.token_ids[row]
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += sampled.logprobs[row]
+            if seq.logprobs is not None:
+                entry = {token: Logprob(sampled.logprobs[row], sampled.top_logprobs[row][2])}
+                top_ids, top_values, _ = sampled.top_logprobs[row]
+                for rank, (top_id, value) in enumerate(zip(top_ids, top_values), start=1):
+                    entry.setdefault(top_id, Logprob(value, rank))
+                seq.logprobs.append(entry)
+            self.stats.generated_tokens += 1
+            reason = self._finish_reason(seq, token, stop_ids[row])
+            if reason is not None:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq)
+                request = self.requests.get(seq.request_id)
+                if request is not None and all(s.is_finished for s in request.seqs):
+                    finished_requests.append(self._request_output(self.requests.pop(seq.request_id)))
+        return finished_requests
+
+    def _finish_reason(self, seq: Sequence, token: int, stop_ids: set[int]) -> str | None:
+        params = seq.params
+        generated = seq.num_completion_tokens
+        if generated >= params.min_tokens:
+            if token in stop_ids:
+                return "stop"
+            if params.stop and self._hits_stop_string(seq):
+                return "stop"
+        if params.max_tokens is not None and generated >= params.max_tokens:
+            return "length"
+        if len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _hits_stop_string(self, seq: Sequence) -> bool:
+        longest = max(len(s) for s in seq.params.stop)
+        # A stop string of L characters spans at most 4L byte-level tokens.
+        tail = self.tokenizer.decode(seq.completion_token_ids[-(4 * longest + 4) :], skip_special_tokens=True)
+        if not any(stop in tail for stop in seq.params.stop):
+            return False
+        text = self._completion_text(seq.completion_token_ids, seq.params)
+        ends = [(text.find(stop), stop) for stop in seq.params.stop if stop in text]
+        position, stop = min(ends)
+        seq.stop_text_end = position + len(stop) if seq.params.include_stop_str_in_output else position
+        return True
+
+    def _completion_text(self, token_ids: list[int], params: SamplingParams) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
+
+    def _request_output(self, request: _Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            text = self._completion_text(seq.completion_token_ids, seq.params)
+            if seq.stop_text_end is not None:
+                text = text[: seq.stop_text_end]
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=seq.completion_token_ids,
+                    logprobs=seq.logprobs,
+                    finish_reason=seq.finish_reason,
+                    cumulative_logprob=seq.cumulative_logprob,
+                )
+            )
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs)
+
+    # Weights and memory ----------------------------------------------------------------------
+
+    def load_weights(self, weights) -> None:
+        self.ranks.load_weights(weights)
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        self.block_manager.reset_prefix_cache()
+
+    def collective_rpc(self, fn, *args) -> list:
+        """Run ``fn(model_runner, *args)`` on every tensor-parallel rank; the results by rank."""
+        return self.ranks.collective_rpc(fn, *args)
+
+    def sleep(self) -> None:
+        """Release the KV cache (and with it every cached prefix) until ``wake_up``."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("cannot sleep with requests in flight")
+        self.ranks.call("free_kv_cache")
+        self.block_manager.reset_prefix_cache()
+        self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.ranks.call("allocate_kv_cache", self.num_blocks)
+            self.sleeping = False
+
+    def shutdown(self) -> None:
+        self.ranks.shutdown()

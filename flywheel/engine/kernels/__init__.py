@@ -1,0 +1,23 @@
+"""Triton kernels of the engine's GPU path; importing this package needs triton (CUDA machines only)."""
+
+from flywheel.engine.kernels.cache import store_kv
+from flywheel.engine.kernels.fused import (
+    fused_add_rms_norm,
+    rms_norm,
+    rope_cos_sin_cache,
+    rotary_embedding,
+    silu_and_mul,
+)
+from flywheel.engine.kernels.paged_attention import decode_attention, decode_num_splits, prefill_attention
+
+__all__ = [
+    "decode_attention",
+    "decode_num_splits",
+    "fused_add_rms_norm",
+    "prefill_attention",
+    "rms_norm",
+    "rope_cos_sin_cache",
+    "rotary_embedding",
+    "silu_and_mul",
+    "store_kv",
+]

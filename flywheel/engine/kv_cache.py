@@ -1,0 +1,155 @@
+"""The KV-cache block pool: reference counts, chained prefix-cache hashes, copy-on-write.
+
+A block holds ``block_size`` token positions of every layer's keys and values. Full blocks whose
+keys and values have been computed get a hash that covers their tokens and their parent block's
+hash, so a new sequence with the same prefix reuses them. Blocks shared by several sequences
+(the ``n`` completions of a prompt) are copied before one of them writes into it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from flywheel.engine.sequence import Sequence
+
+
+def block_hash(parent_hash: int | None, token_ids: list[int]) -> int:
+    return hash((parent_hash, tuple(token_ids)))
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: list[int] = []
+
+
+class BlockManager:
+    """Hands out cache blocks to sequences and takes them back."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.hash_to_block_id: dict[int, int] = {}
+        self.prefix_cache_hit_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    def _take_free_block(self, block_id: int | None = None) -> Block:
+        if block_id is None:
+            block_id = self.free_block_ids.popleft()
+        else:
+            self.free_block_ids.remove(block_id)
+        block = self.blocks[block_id]
+        if block.hash is not None and self.hash_to_block_id.get(block.hash) == block_id:
+            del self.hash_to_block_id[block.hash]
+        block.hash, block.token_ids, block.ref_count = None, [], 1
+        return block
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            # Keep the hash: the block stays reusable until it is handed out again.
+            self.free_block_ids.append(block_id)
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids of the longest cached prefix of ``seq``'s full blocks."""
+        if not self.enable_prefix_caching:
+            return []
+        hits, parent = [], None
+        for start in range(0, len(seq) - self.block_size + 1, self.block_size):
+            tokens = seq.token_ids[start : start + self.block_size]
+            parent = block_hash(parent, tokens)
+            block_id = self.hash_to_block_id.get(parent)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._cached_prefix(seq)
+        reused_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        return self.num_free_blocks - reused_free >= seq.num_blocks_needed(self.block_size) - len(hits)
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give ``seq`` blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table
+        hits = self._cached_prefix(seq)
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                self.free_block_ids.remove(block_id)
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        for _ in range(seq.num_blocks_needed(self.block_size) - len(hits)):
+            seq.block_table.append(self._take_free_block().block_id)
+        # The last prompt token is always recomputed: its logits are what the next token comes from.
+        seq.num_cached_tokens = min(len(hits) * self.block_size, len(seq) - 1)
+        seq.num_hashed_blocks = len(hits)
+        self.prefix_cache_hit_tokens += seq.num_cached_tokens
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        parent.fork(child)
+        for block_id in child.block_table:
+            self.blocks[block_id].ref_count += 1
+
+    def free(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            self._release(block_id)
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+        seq.num_hashed_blocks = 0
+
+    def blocks_needed_to_append(self, seq: Sequence) -> int:
+        """Blocks a decode step of ``seq`` needs: one for a new block or a copy of a shared one."""
+        position = len(seq) - 1
+        if position // self.block_size >= len(seq.block_table):
+            return 1
+        return 1 if self.blocks[seq.block_table[-1]].ref_count > 1 else 0
+
+    def append_slot(self, seq: Sequence) -> tuple[int, int] | None:
+        """Make room for the KV of ``seq``'s last token; returns a (src, dst) block copy if one is due."""
+        position = len(seq) - 1
+        if position // self.block_size >= len(seq.block_table):
+            seq.block_table.append(self._take_free_block().block_id)
+            return None
+        last = self.blocks[seq.block_table[-1]]
+        if last.ref_count == 1:
+            return None
+        copy = self._take_free_block()
+        last.ref_count -= 1
+        seq.block_table[-1] = copy.block_id
+        return last.block_id, copy.block_id
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Give a hash to each full block of ``seq`` whose keys and values are now computed."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_cached_tokens // self.block_size
+        for i in range(seq.num_hashed_blocks, num_full):
+            block = self.blocks[seq.block_table[i]]
+            parent = self.blocks[seq.block_table[i - 1]].hash if i > 0 else None
+            if i > 0 and parent is None:
+                return  # the chain was cut by a cache reset: nothing after it can be shared
+            if block.hash is None:
+                tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+                block.hash, block.token_ids = block_hash(parent, tokens), tokens
+                self.hash_to_block_id.setdefault(block.hash, block.block_id)
+            seq.num_hashed_blocks = i + 1
+
+    def reset_prefix_cache(self) -> None:
+        self.hash_to_block_id.clear()
+        for block in self.blocks:
+            block.hash, block.token_ids = None, []

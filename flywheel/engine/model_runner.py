@@ -1,0 +1,190 @@
+"""Runs the model for a scheduled batch: input tensors, forward over the paged KV cache, logits.
+
+One runner lives on every tensor-parallel rank. Rank 0 turns scheduled sequences into a
+``StepInputs`` of CPU tensors, every rank executes it, and rank 0 samples from the logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig
+
+from flywheel.engine import attention
+from flywheel.engine.config import EngineConfig
+from flywheel.engine.distributed import TensorParallelGroup
+from flywheel.engine.forward_context import ForwardContext
+from flywheel.engine.models.registry import model_class
+from flywheel.engine.scheduler import ScheduledBatch
+from flywheel.engine.weights import checkpoint_weights
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_GB = 1.0
+
+
+@dataclass
+class StepInputs:
+    """A batch as tensors, built on the host by rank 0 and run by every rank."""
+
+    is_prefill: bool
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    logits_indices: torch.Tensor
+    cu_seqlens_q: torch.Tensor | None = None
+    max_seq_len: int = 0
+    max_q_len: int = 0
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+
+def checkpoint_dtype(hf_config) -> torch.dtype | None:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def load_hf_config(config: EngineConfig):
+    return AutoConfig.from_pretrained(config.model, revision=config.revision)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, tp: TensorParallelGroup, device: torch.device) -> None:
+        self.config = config
+        self.tp = tp
+        self.device = device
+        self.hf_config = load_hf_config(config)
+        self.dtype = config.torch_dtype(checkpoint_dtype(self.hf_config))
+        self.block_size = config.block_size
+        self.backend = attention
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            from flywheel.engine import kernels
+
+            self.backend = kernels.backend()
+        cls = model_class(self.hf_config)
+        previous_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(device):
+                self.model = cls(self.hf_config, tp)
+        finally:
+            torch.set_default_dtype(previous_dtype)
+        self.model.requires_grad_(False)
+        self.model.load_weights(checkpoint_weights(config.model))
+        attn = self.model.layers[0].self_attn
+        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_blocks = 0
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp.rank
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size
+
+    @property
+    def block_bytes(self) -> int:
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * len(self.model.layers) * self.block_size * self.num_kv_heads * self.head_dim * element
+
+    def plan_num_blocks(self, max_model_len: int, max_num_seqs: int) -> int:
+        """How many KV-cache blocks fit the memory the config allows."""
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.config.kv_cache_memory_gb is not None or self.device.type != "cuda":
+            budget = (self.config.kv_cache_memory_gb or CPU_KV_CACHE_GB) * 2**30
+            # Never more than every sequence at full length could use.
+            useful = max_num_seqs * -(-max_model_len // self.block_size) + 1
+            return max(1, min(int(budget // self.block_bytes), useful))
+        return self._blocks_from_gpu_memory()
+
+    def _blocks_from_gpu_memory(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * self.config.gpu_memory_utilization - (total - free) - self.activation_reserve_bytes()
+        return max(1, int(budget // self.block_bytes))
+
+    def activation_reserve_bytes(self) -> int:
+        """Room the forward pass of a full prefill step needs beside the cache (measured on GPU)."""
+        return getattr(self, "_activation_bytes", 0)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in self.model.layers
+        ]
+        self.num_blocks = num_blocks
+
+    def free_kv_cache(self) -> None:
+        self.kv_caches = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """Rank 0: the tensors of a scheduled batch (on the host)."""
+        input_ids, positions, slots, seq_lens, logits_indices = [], [], [], [], []
+        cu_seqlens_q = [0]
+        block_size = self.block_size
+        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
+        block_tables = torch.full((len(batch.seqs), max_blocks), -1, dtype=torch.int32)
+        for row, seq in enumerate(batch.seqs):
+            block_tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+            start = seq.num_cached_tokens if batch.is_prefill else len(seq) - 1
+            new_positions = range(start, len(seq))
+            input_ids.extend(seq.token_ids[start:])
+            positions.extend(new_positions)
+            slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in new_positions)
+            seq_lens.append(len(seq))
+            cu_seqlens_q.append(cu_seqlens_q[-1] + len(seq) - start)
+            logits_indices.extend([cu_seqlens_q[-1] - 1] * (1 + len(seq.pending_forks)))
+        return StepInputs(
+            is_prefill=batch.is_prefill,
+            input_ids=torch.tensor(input_ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=block_tables,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+            cu_seqlens_q=torch.tensor(cu_seqlens_q, dtype=torch.int32) if batch.is_prefill else None,
+            max_seq_len=max(seq_lens),
+            max_q_len=max(b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:])),
+            block_copies=batch.block_copies,
+        )
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        """Every rank: run the forward pass; returns the logits of the rows to sample."""
+        self._copy_blocks(inputs.block_copies)
+        device = self.device
+        context = ForwardContext(
+            is_prefill=inputs.is_prefill,
+            slot_mapping=inputs.slot_mapping.to(device, non_blocking=True),
+            seq_lens=inputs.seq_lens.to(device, non_blocking=True),
+            block_tables=inputs.block_tables.to(device, non_blocking=True),
+            kv_caches=self.kv_caches,
+            backend=self.backend,
+            cu_seqlens_q=None if inputs.cu_seqlens_q is None else inputs.cu_seqlens_q.to(device, non_blocking=True),
+            max_seq_len=inputs.max_seq_len,
+            max_q_len=inputs.max_q_len,
+        )
+        hidden = self.model(inputs.input_ids.to(device, non_blocking=True), inputs.positions.to(device, non_blocking=True), context)
+        hidden = hidden[inputs.logits_indices.to(device, non_blocking=True)]
+        return self.model.compute_logits(hidden)
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        source = torch.tensor([s for s, _ in copies], device=self.device)
+        destination = torch.tensor([d for _, d in copies], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[destination] = k_cache[source]
+            v_cache[destination] = v_cache[source]
+
+    def load_weights(self, weights) -> None:
+        self.model.load_weights(weights)

@@ -1,0 +1,1 @@
+"""Native model implementations, chosen from a checkpoint's ``architectures``."""

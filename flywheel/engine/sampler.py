@@ -1,0 +1,138 @@
+"""From logits to sampled tokens and their logprobs, for a whole batch at once on its device.
+
+Order of processing: penalties (repetition, presence, frequency), the min_tokens ban on stop
+tokens, temperature, then top-k / top-p / min-p truncation and the draw. "Processed" logprobs are
+the log-softmax after penalties and temperature; "raw" ones the log-softmax of the model's logits.
+Sampling uses the exponential-race form of the categorical draw (argmax of p / E with E ~ Exp(1)),
+so a request with a seed draws its noise from its own generator, whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flywheel.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]
+    # Per row: (top-k token ids, their logprobs, the sampled token's rank), when asked for.
+    top_logprobs: list[tuple[list[int], list[float], int] | None]
+
+
+@dataclass
+class SamplingTensors:
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device, seed: int) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> SamplerOutput:
+        logits = logits.float()
+        raw_logits = logits
+        params = [seq.params for seq in seqs]
+        tensors = self._tensors(seqs)
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            logits = self._apply_penalties(logits, seqs, tensors)
+        banned = [(row, ids) for row, (seq, ids) in enumerate(zip(seqs, stop_ids)) if seq.num_completion_tokens < seq.params.min_tokens]
+        if banned:
+            logits = logits.clone()
+            for row, ids in banned:
+                logits[row, list(ids)] = float("-inf")
+        greedy = tensors.temperature == 0.0
+        temperature = torch.where(greedy, torch.ones_like(tensors.temperature), tensors.temperature)
+        logits = logits / temperature[:, None]
+        processed_logprobs = torch.log_softmax(logits, dim=-1)
+
+        probs = self._truncate(processed_logprobs.exp(), tensors)
+        noise = self._exponential_noise(probs.shape, seqs)
+        sampled = torch.where(greedy, logits.argmax(dim=-1), (probs / noise).argmax(dim=-1))
+
+        want_raw = [p.logprobs_mode == "raw" for p in params]
+        logprobs = processed_logprobs
+        if any(want_raw):
+            raw = torch.log_softmax(raw_logits, dim=-1)
+            logprobs = torch.where(torch.tensor(want_raw, device=logits.device)[:, None], raw, processed_logprobs)
+        sampled_logprobs = logprobs.gather(1, sampled[:, None])[:, 0]
+        top = self._top_logprobs(logprobs, sampled_logprobs, params)
+        return SamplerOutput(sampled.tolist(), sampled_logprobs.tolist(), top)
+
+    def _tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        params = [seq.params for seq in seqs]
+        return SamplingTensors(
+            temperature=column([p.temperature for p in params]),
+            top_k=column([p.top_k if p.top_k > 0 else self.vocab_size for p in params], torch.long),
+            top_p=column([p.top_p for p in params]),
+            min_p=column([p.min_p for p in params]),
+            repetition_penalty=column([p.repetition_penalty for p in params]),
+            presence_penalty=column([p.presence_penalty for p in params]),
+            frequency_penalty=column([p.frequency_penalty for p in params]),
+        )
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], tensors: SamplingTensors) -> torch.Tensor:
+        rows, vocab = logits.shape
+        seen = torch.zeros(rows, vocab, dtype=torch.bool, device=self.device)
+        output_counts = torch.zeros(rows, vocab, dtype=torch.float32, device=self.device)
+        for row, seq in enumerate(seqs):
+            all_ids = torch.tensor(seq.token_ids, dtype=torch.long, device=self.device).clamp(max=vocab - 1)
+            seen[row, all_ids] = True
+            completion = all_ids[seq.num_prompt_tokens :]
+            output_counts[row].index_add_(0, completion, torch.ones_like(completion, dtype=torch.float32))
+        penalty = tensors.repetition_penalty[:, None]
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalized, logits)
+        logits = logits - tensors.frequency_penalty[:, None] * output_counts
+        return logits - tensors.presence_penalty[:, None] * (output_counts > 0).float()
+
+    def _truncate(self, probs: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
+        needs_top_k = bool((tensors.top_k < self.vocab_size).any())
+        needs_top_p = bool((tensors.top_p < 1.0).any())
+        if needs_top_k or needs_top_p:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+            drop = ranks >= tensors.top_k[:, None]
+            # Keep the smallest set of tokens whose mass reaches top_p (always the most likely one).
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop |= mass_before >= tensors.top_p[:, None]
+            drop[:, 0] = False
+            probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+        if bool((tensors.min_p > 0).any()):
+            threshold = tensors.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
+
+    def _exponential_noise(self, shape: torch.Size, seqs: list[Sequence]) -> torch.Tensor:
+        noise = torch.empty(shape, device=self.device).exponential_(generator=self.generator)
+        for row, seq in enumerate(seqs):
+            if seq.generator is not None:
+                noise[row].exponential_(generator=seq.generator)
+        return noise
+
+    def _top_logprobs(self, logprobs: torch.Tensor, sampled_logprobs: torch.Tensor, params) -> list:
+        wanted = [p.logprobs for p in params]
+        if all(k is None for k in wanted):
+            return [None] * len(params)
+        k_max = max(k or 0 for k in wanted)
+        ranks = (logprobs > sampled_logprobs[:, None]).sum(dim=-1) + 1
+        top_values, top_ids = logprobs.topk(k_max, dim=-1) if k_max else (logprobs[:, :0], logprobs[:, :0].long())
+        top_values, top_ids, ranks = top_values.tolist(), top_ids.tolist(), ranks.tolist()
+        return [
+            None if k is None else (top_ids[row][:k], top_values[row][:k], ranks[row]) for row, k in enumerate(wanted)
+        ]

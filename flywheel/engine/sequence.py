@@ -1,0 +1,80 @@
+"""Per-sequence state: tokens, KV-cache block table, status and the sampled logprobs."""
+
+from __future__ import annotations
+
+import enum
+from itertools import count
+
+import torch
+
+from flywheel.engine.sampling import SamplingParams
+
+_sequence_ids = count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One completion being generated: prompt tokens followed by the tokens sampled so far."""
+
+    def __init__(
+        self,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.seq_id = next(_sequence_ids)
+        self.request_id = request_id
+        self.index = index
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.generator = generator
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        # Tokens whose keys and values are in the cache (a prefix hit or an earlier step).
+        self.num_cached_tokens = 0
+        self.num_hashed_blocks = 0
+        # Completions 1..n-1 of a request wait here until this one's prompt is prefilled, then fork.
+        self.pending_forks: list[Sequence] = []
+        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.finish_reason: str | None = None
+        self.stop_text_end: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def num_blocks_needed(self, block_size: int) -> int:
+        return -(-len(self.token_ids) // block_size)
+
+    def fork(self, child: Sequence) -> None:
+        """Make ``child`` share this sequence's prompt and cache blocks (the caller counts the refs)."""
+        child.token_ids = list(self.token_ids)
+        child.num_prompt_tokens = self.num_prompt_tokens
+        child.block_table = list(self.block_table)
+        child.num_cached_tokens = self.num_cached_tokens
+        child.num_hashed_blocks = self.num_hashed_blocks
+        child.status = SequenceStatus.RUNNING
