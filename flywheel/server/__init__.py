@@ -1,0 +1,1 @@
+"""The generation server: `flywheel serve` (FastAPI over data-parallel engine workers)."""

@@ -1,0 +1,306 @@
+"""The FastAPI application: TRL-style generation and weight-sync endpoints over a WorkerPool."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+from typing import Any, Awaitable, Callable
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from flywheel.engine.sampling import SamplingParams
+from flywheel.server.options import ServerOptions
+from flywheel.server.protocol import (
+    BatchUpdateRequest,
+    ChatRequest,
+    GenerateRequest,
+    GenerateResponse,
+    InitCommunicatorRequest,
+    ParamMeta,
+    SamplingFields,
+    UpdateNamedParamRequest,
+    WorldSizeResponse,
+)
+from flywheel.server.workers import EngineRejected, WorkerDied, WorkerPool
+from flywheel.weight_sync import DEFAULT_BUCKET_BYTES, ParamSpec, plan_buckets, validate_specs
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.name != "extra"}
+_DISCONNECT_POLL_S = 0.25
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its result was ready."""
+
+
+class ServerState:
+    """What the routes share: options, the worker pool, the tokenizer and the communicator's state."""
+
+    def __init__(self, options: ServerOptions, pool: WorkerPool, tokenizer, vocab_size: int) -> None:
+        self.options = options
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.communicator_open = False
+
+    @property
+    def max_prompt_length(self) -> int | None:
+        if self.options.max_prompt_length is not None:
+            return self.options.max_prompt_length
+        return self.pool.max_model_len - 1 if self.pool.max_model_len else None
+
+    # -- request checks (400 naming the field)
+
+    def check_prompt_ids(self, prompt_ids: list[list[int]], field: str) -> list[list[int]]:
+        if len(prompt_ids) > self.options.max_prompts_per_request:
+            raise HTTPException(400, f"{field}: {len(prompt_ids)} prompts; at most "
+                                     f"{self.options.max_prompts_per_request} per request (--max_prompts_per_request)")
+        limit = self.max_prompt_length
+        for index, ids in enumerate(prompt_ids):
+            if not ids:
+                raise HTTPException(400, f"{field}[{index}]: the prompt is empty")
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise HTTPException(400, f"{field}[{index}]: token id {bad} is outside the vocabulary "
+                                         f"(0..{self.vocab_size - 1})")
+            if limit is not None and len(ids) > limit:
+                raise HTTPException(400, f"{field}[{index}]: {len(ids)} tokens; the longest prompt this "
+                                         f"server takes is {limit} tokens")
+        return prompt_ids
+
+    def sampling_params(self, request: SamplingFields) -> dict[str, Any]:
+        """The SamplingParams keyword arguments of a request, validated by SamplingParams itself."""
+        extra = request.generation_kwargs
+        unknown = sorted(set(extra) - SAMPLING_FIELDS)
+        if unknown:
+            raise HTTPException(400, f"generation_kwargs.{unknown[0]}: not a SamplingParams field "
+                                     f"(known: {sorted(SAMPLING_FIELDS)})")
+        params = dict(n=request.n, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                      min_p=request.min_p, repetition_penalty=request.repetition_penalty,
+                      max_tokens=request.max_tokens, logprobs=request.logprobs, seed=request.seed,
+                      stop=request.stop)
+        params.update(extra)
+        if params["n"] > self.options.max_n:
+            raise HTTPException(400, f"n: {params['n']} is more than this server's limit {self.options.max_n}")
+        limit = self.options.max_tokens_limit
+        if limit is not None and (params["max_tokens"] is None or params["max_tokens"] > limit):
+            raise HTTPException(400, f"max_tokens: {params['max_tokens']} is more than this server's limit {limit}")
+        try:
+            SamplingParams(**params)
+        except (ValueError, TypeError) as error:
+            raise HTTPException(400, f"sampling parameters: {error}") from error
+        return params
+
+    def truncate(self, prompt_ids: list[list[int]], request: SamplingFields) -> list[list[int]]:
+        keep = request.truncate_prompt_tokens
+        return [ids[-keep:] for ids in prompt_ids] if keep else prompt_ids
+
+    # -- generation with timeout and abort on disconnect
+
+    async def generate(self, http_request: Request, prompt_ids: list[list[int]],
+                       params: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.watch(http_request, self.pool.generate(prompt_ids, params), self.options.request_timeout)
+
+    async def watch(self, http_request: Request, work: Awaitable, timeout_s: float):
+        """Await `work`, cancelling it (which aborts its requests) on timeout or client disconnect."""
+        task = asyncio.ensure_future(work)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await http_request.is_disconnected():
+                    raise ClientGone()
+                if loop.time() > deadline:
+                    raise HTTPException(504, f"generation took longer than {timeout_s:.0f}s (--request_timeout); "
+                                             "it was aborted")
+        finally:
+            if not task.done():
+                task.cancel()
+
+
+def generate_response(outputs: list[dict[str, Any]], with_logprobs: bool) -> GenerateResponse:
+    completions = [completion for output in outputs for completion in output["outputs"]]
+    return GenerateResponse(
+        prompt_ids=[output["prompt_token_ids"] for output in outputs],
+        completion_ids=[c["token_ids"] for c in completions],
+        logprobs=[c["logprobs"] for c in completions] if with_logprobs else None,
+        logprob_token_ids=[c["logprob_token_ids"] for c in completions] if with_logprobs else None,
+        finish_reasons=[c["finish_reason"] for c in completions],
+    )
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a text prompt, as the offline LLM computes them."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_conversation(tokenizer, conversation: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> list[int]:
+    kwargs = {"add_generation_prompt": not template_kwargs.get("continue_final_message", False), **template_kwargs}
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="flywheel generation server",
+                  description="TRL-style generation and weight-sync endpoints, and OpenAI-compatible ones.")
+    app.state.server = state
+    guarded = [Depends(api_key_guard(state.options.api_key))]
+
+    def route(method: str, path: str, endpoint: Callable, **kwargs: Any) -> None:
+        # TRL's client calls "/generate/"; both spellings answer, the documented one is without.
+        app.add_api_route(path, endpoint, methods=[method], dependencies=guarded, **kwargs)
+        app.add_api_route(path + "/", endpoint, methods=[method], dependencies=guarded,
+                          include_in_schema=False, **kwargs)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        parts = []
+        for problem in error.errors():
+            location = [str(p) for p in problem["loc"] if p != "body"]
+            parts.append(f"{'.'.join(location) or 'body'}: {problem['msg']}")
+        return JSONResponse(status_code=422, content={"detail": "; ".join(parts),
+                                                      "errors": jsonable_encoder(error.errors(), exclude={"ctx"})})
+
+    @app.exception_handler(WorkerDied)
+    async def _worker_died(request: Request, error: WorkerDied) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": str(error)})
+
+    @app.exception_handler(EngineRejected)
+    async def _engine_rejected(request: Request, error: EngineRejected) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"detail": f"prompts: {error}"})
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, error: ClientGone) -> Response:
+        return Response(status_code=499)
+
+    async def health() -> JSONResponse:
+        if state.pool.healthy:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse(status_code=503, content={"status": "unavailable", "detail": state.pool.dead_reason})
+
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/health/", health, methods=["GET"], include_in_schema=False)
+
+    async def get_world_size() -> WorldSizeResponse:
+        return WorldSizeResponse(world_size=state.options.world_size)
+
+    async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+        """Generate completions for text prompts or token-id prompts."""
+        params = state.sampling_params(body)
+        if isinstance(body.prompts[0], str):
+            prompt_ids = [encode_text(state.tokenizer, prompt) for prompt in body.prompts]
+        else:
+            prompt_ids = body.prompts
+        prompt_ids = state.check_prompt_ids(state.truncate(prompt_ids, body), "prompts")
+        outputs = await state.generate(request, prompt_ids, params)
+        return generate_response(outputs, params["logprobs"] is not None)
+
+    async def chat(body: ChatRequest, request: Request) -> GenerateResponse:
+        """Generate replies to conversations, rendered with the model's chat template."""
+        params = state.sampling_params(body)
+        try:
+            prompt_ids = [encode_conversation(state.tokenizer, [m.model_dump(exclude_none=True) for m in conv],
+                                              body.chat_template_kwargs) for conv in body.messages]
+        except Exception as error:
+            raise HTTPException(400, f"messages: the chat template failed: {error}") from error
+        prompt_ids = state.check_prompt_ids(state.truncate(prompt_ids, body), "messages")
+        outputs = await state.generate(request, prompt_ids, params)
+        return generate_response(outputs, params["logprobs"] is not None)
+
+    async def init_communicator(body: InitCommunicatorRequest) -> dict:
+        """Join every engine rank to the weight-sync group; returns once all ranks have met the client."""
+        if state.communicator_open:
+            raise HTTPException(409, "a communicator is already open; call /close_communicator first")
+        expected = state.options.world_size + 1
+        if body.world_size != expected:
+            raise HTTPException(400, f"world_size: must be tensor_parallel_size x data_parallel_size + 1 = "
+                                     f"{expected}, got {body.world_size}")
+        backend = body.backend or ("nccl" if state.pool.on_gpu else "gloo")
+        if backend == "nccl" and not state.pool.on_gpu:
+            raise HTTPException(400, "backend: 'nccl' needs a GPU server; this one runs on the CPU (use 'gloo')")
+        if body.client_device_uuid:
+            server_uuids = [u for uuids in await state.pool.call_all("device_uuids") for u in uuids]
+            if body.client_device_uuid in server_uuids:
+                raise HTTPException(400, "client_device_uuid: the client's GPU is one the server uses; "
+                                         "put the trainer on a GPU outside the server's CUDA_VISIBLE_DEVICES")
+        timeout = state.options.communicator_timeout + 30
+        try:
+            await asyncio.wait_for(state.pool.call_all("init_communicator", body.host, body.port,
+                                                       body.world_size, backend), timeout)
+        except (RuntimeError, TimeoutError) as error:
+            await state.pool.call_all("close_communicator")
+            raise HTTPException(500, f"init_communicator failed: {error}") from error
+        state.communicator_open = True
+        return {}
+
+    def start_update(params: list[ParamMeta], bucket_bytes: int) -> dict:
+        if not state.communicator_open:
+            raise HTTPException(409, "no communicator is open; call /init_communicator first")
+        specs = [ParamSpec(p.name, p.dtype, tuple(p.shape)) for p in params]
+        try:
+            validate_specs(specs, state.pool.param_shapes)
+        except ValueError as error:
+            raise HTTPException(400, str(error)) from error
+        for future in state.pool.start_call_all("update_weights", plan_buckets(specs, bucket_bytes)):
+            future.add_done_callback(_log_update_failure)
+        return {}
+
+    async def update_named_param(body: UpdateNamedParamRequest) -> dict:
+        """Announce one tensor; it then arrives by broadcast from the client's rank."""
+        return start_update([body], DEFAULT_BUCKET_BYTES)
+
+    async def batch_update_named_params(body: BatchUpdateRequest) -> dict:
+        """Announce tensors; they then arrive as flat buckets broadcast from the client's rank."""
+        return start_update(body.params, body.bucket_bytes)
+
+    async def reset_prefix_cache() -> dict:
+        await state.pool.call_all("reset_prefix_cache")
+        return {}
+
+    async def close_communicator() -> dict:
+        await state.pool.call_all("close_communicator")
+        state.communicator_open = False
+        return {}
+
+    route("GET", "/get_world_size", get_world_size)
+    route("POST", "/generate", generate)
+    route("POST", "/chat", chat)
+    route("POST", "/init_communicator", init_communicator)
+    route("POST", "/update_named_param", update_named_param)
+    route("POST", "/batch_update_named_params", batch_update_named_params)
+    route("POST", "/reset_prefix_cache", reset_prefix_cache)
+    route("POST", "/close_communicator", close_communicator)
+
+    from flywheel.server.openai_api import add_openai_routes
+
+    add_openai_routes(app, state, guarded)
+    return app
+
+
+def _log_update_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("weight update failed: %s", future.exception())
+
+
+def api_key_guard(api_key: str | None) -> Callable:
+    """A dependency that requires `Authorization: Bearer <api_key>` when a key is set."""
+
+    async def guard(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    return guard

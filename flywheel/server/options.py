@@ -1,0 +1,98 @@
+"""The server's options: one dataclass, parsed from the command line (both `_` and `-` spellings)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+@dataclass
+class ServerOptions:
+    """Options of `flywheel serve` (the names of TRL's `vllm-serve`, plus what serving safely needs)."""
+
+    model: str = field(metadata={"help": "Path or Hugging Face id of the model to serve."})
+    revision: str | None = field(default=None, metadata={"help": "Model revision (branch, tag or commit)."})
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "Processes (GPUs) per engine; the layers are sharded across them."}
+    )
+    data_parallel_size: int = field(
+        default=1, metadata={"help": "Independent engines; a request's prompts are spread across them."}
+    )
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "Address to listen on. Use 0.0.0.0 only on a trusted network (see --api_key)."},
+    )
+    port: int = field(default=8000, metadata={"help": "HTTP port."})
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "Fraction of each GPU's memory the engine may use (weights + KV cache)."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."})
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "Longest prompt + completion in tokens (default: the model's limit)."}
+    )
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "Reuse the KV cache of shared prefixes."})
+    enforce_eager: bool = field(default=False, metadata={"help": "Disable CUDA graphs (eager PyTorch only)."})
+    kv_cache_memory_gb: float | None = field(
+        default=None, metadata={"help": "KV-cache size in GiB per engine on the CPU (default: the engine's)."}
+    )
+    max_num_seqs: int = field(default=256, metadata={"help": "Most sequences one engine runs at once."})
+    seed: int = field(default=0, metadata={"help": "Engine seed (requests may carry their own)."})
+    log_level: str = field(default="info", metadata={"help": f"Logging level: {', '.join(LOG_LEVELS)}."})
+    api_key: str | None = field(
+        default=None,
+        metadata={"help": "Require `Authorization: Bearer KEY` on every endpoint but /health "
+                          "(default: the FLYWHEEL_API_KEY environment variable, else no key)."},
+    )
+    max_prompts_per_request: int = field(default=4096, metadata={"help": "Most prompts in one request."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Longest prompt in tokens (default: max_model_len - 1)."}
+    )
+    max_tokens_limit: int | None = field(
+        default=None, metadata={"help": "Largest max_tokens a request may ask for (default: no extra limit)."}
+    )
+    max_n: int = field(default=256, metadata={"help": "Largest n (completions per prompt) a request may ask for."})
+    request_timeout: float = field(
+        default=600.0, metadata={"help": "Seconds a generation request may run before it is aborted (504)."}
+    )
+    startup_timeout: float = field(default=900.0, metadata={"help": "Seconds the engines may take to load."})
+    communicator_timeout: float = field(
+        default=120.0, metadata={"help": "Seconds any weight-sync rendezvous, broadcast or barrier may wait."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.api_key is None:
+            self.api_key = os.environ.get("FLYWHEEL_API_KEY") or None
+        checks = [
+            (self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"),
+            (self.data_parallel_size >= 1, f"data_parallel_size must be >= 1, got {self.data_parallel_size}"),
+            (0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}"),
+            (0.0 < self.gpu_memory_utilization <= 1.0,
+             f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"),
+            (self.log_level.lower() in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}"),
+            (self.max_prompts_per_request >= 1,
+             f"max_prompts_per_request must be >= 1, got {self.max_prompts_per_request}"),
+            (self.request_timeout > 0, f"request_timeout must be > 0, got {self.request_timeout}"),
+            (self.communicator_timeout > 0, f"communicator_timeout must be > 0, got {self.communicator_timeout}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.log_level = self.log_level.lower()
+
+    @property
+    def world_size(self) -> int:
+        """Engine ranks in the weight-sync group (the client adds one)."""
+        return self.tensor_parallel_size * self.data_parallel_size
+
+
+def parse_options(argv: list[str]) -> ServerOptions:
+    """Parse `flywheel serve` arguments; `--help` prints every option with its help text."""
+    parser = HfArgumentParser(ServerOptions, prog="flywheel serve")
+    (options,) = parser.parse_args_into_dataclasses(argv)
+    return options

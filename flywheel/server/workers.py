@@ -1,0 +1,445 @@
+"""Data-parallel engine processes: the loop each one runs, and the pool that routes requests to them.
+
+Each of the `data_parallel_size` worker processes owns one engine (which itself drives its
+`tensor_parallel_size` ranks). A worker loops: take new requests and commands from its inbox, add
+them to the engine, run one engine step, send finished outputs back. Requests from every client
+therefore share the engine's batches (continuous batching across requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+from flywheel.server.options import ServerOptions
+
+logger = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 0.5
+
+
+class WorkerDied(RuntimeError):
+    """An engine process exited; the server cannot serve until it is restarted."""
+
+
+class EngineRejected(ValueError):
+    """The engine refused a request (for instance a prompt longer than the model allows)."""
+
+
+# ---------------------------------------------------------------- the worker process
+
+
+def worker_main(dp_rank: int, options: ServerOptions, cuda_devices: str | None, inbox, outbox) -> None:
+    """Entry point of one data-parallel worker process."""
+    if cuda_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_devices
+    logging.basicConfig(level=_logging_level(options.log_level),
+                        format=f"%(asctime)s %(levelname)s dp{dp_rank} %(name)s: %(message)s")
+    try:
+        llm = _load_engine(options)
+        ready = {"max_model_len": _max_model_len(llm)}
+        if dp_rank == 0:
+            ready["param_shapes"] = _param_shapes(options)
+    except Exception as error:
+        logger.exception("loading the engine failed")
+        outbox.put(("fatal", dp_rank, f"loading the engine failed: {type(error).__name__}: {error}"))
+        return
+    outbox.put(("ready", dp_rank, ready))
+    try:
+        _serve(dp_rank, options, llm, inbox, outbox)
+    except Exception as error:
+        logger.exception("engine worker crashed")
+        outbox.put(("fatal", dp_rank, f"{type(error).__name__}: {error}"))
+    finally:
+        from flywheel import weight_sync
+
+        try:
+            llm.engine.collective_rpc(weight_sync.rpc_close)
+        except Exception:
+            logger.debug("closing the weight-sync group at exit failed", exc_info=True)
+        shutdown = getattr(llm, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _logging_level(name: str) -> int:
+    return logging.DEBUG if name == "trace" else getattr(logging, name.upper())
+
+
+def _load_engine(options: ServerOptions):
+    from flywheel.engine.llm import LLM
+
+    kwargs = dict(
+        revision=options.revision, dtype=options.dtype, max_model_len=options.max_model_len,
+        enable_prefix_caching=options.enable_prefix_caching, enforce_eager=options.enforce_eager,
+        gpu_memory_utilization=options.gpu_memory_utilization, max_num_seqs=options.max_num_seqs,
+        tensor_parallel_size=options.tensor_parallel_size, seed=options.seed,
+    )
+    if options.kv_cache_memory_gb is not None:
+        kwargs["kv_cache_memory_gb"] = options.kv_cache_memory_gb
+    return LLM(options.model, **kwargs)
+
+
+def _max_model_len(llm) -> int | None:
+    for holder in (llm, getattr(llm, "engine", None), getattr(llm, "config", None),
+                   getattr(getattr(llm, "engine", None), "config", None)):
+        value = getattr(holder, "max_model_len", None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _param_shapes(options: ServerOptions) -> dict[str, tuple[int, ...]]:
+    from flywheel.weight_sync import checkpoint_param_specs
+
+    model_dir = options.model
+    if not os.path.isdir(model_dir):
+        from huggingface_hub import snapshot_download
+
+        model_dir = snapshot_download(options.model, revision=options.revision, local_files_only=True,
+                                      allow_patterns=["*.safetensors", "*.json"])
+    return checkpoint_param_specs(model_dir)
+
+
+def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
+    from flywheel.engine.sampling import SamplingParams
+
+    engine = llm.engine
+    parent = os.getppid()
+    while True:
+        messages = []
+        if not engine.has_unfinished_requests():
+            try:
+                messages.append(inbox.get(timeout=_IDLE_POLL_S))
+            except queue.Empty:
+                if os.getppid() != parent:
+                    logger.warning("the server process is gone; exiting")
+                    return
+        while True:
+            try:
+                messages.append(inbox.get_nowait())
+            except queue.Empty:
+                break
+        for message in messages:
+            kind = message[0]
+            if kind == "shutdown":
+                return
+            if kind == "add":
+                for request_id, prompt_ids, params in message[1]:
+                    try:
+                        engine.add_request(request_id, prompt_ids, SamplingParams(**params))
+                    except Exception as error:
+                        outbox.put(("rejected", dp_rank, request_id, f"{error}"))
+            elif kind == "abort":
+                for request_id in message[1]:
+                    engine.abort_request(request_id)
+            elif kind == "call":
+                _, call_id, name, args = message
+                try:
+                    outbox.put(("reply", dp_rank, call_id, True, _CALLS[name](dp_rank, options, llm, *args)))
+                except Exception as error:
+                    logger.exception("%s failed", name)
+                    outbox.put(("reply", dp_rank, call_id, False, f"{type(error).__name__}: {error}"))
+        if engine.has_unfinished_requests():
+            finished = engine.step()
+            if finished:
+                outbox.put(("outputs", dp_rank, [output_to_wire(output) for output in finished]))
+
+
+def output_to_wire(output) -> dict[str, Any]:
+    """A RequestOutput as plain lists (sampled token first in each logprob row)."""
+    completions = []
+    for completion in output.outputs:
+        logprobs = token_ids = None
+        if completion.logprobs is not None:
+            logprobs = [[entry.logprob for entry in row.values()] for row in completion.logprobs]
+            token_ids = [list(row.keys()) for row in completion.logprobs]
+        completions.append({
+            "token_ids": list(completion.token_ids), "text": completion.text,
+            "finish_reason": completion.finish_reason, "logprobs": logprobs, "logprob_token_ids": token_ids,
+        })
+    return {"request_id": output.request_id, "prompt_token_ids": list(output.prompt_token_ids),
+            "outputs": completions}
+
+
+def _call_init_communicator(dp_rank, options, llm, host, port, world_size, backend):
+    from flywheel import weight_sync
+
+    timeout = options.communicator_timeout
+    rank_offset = dp_rank * options.tensor_parallel_size
+    llm.engine.collective_rpc(weight_sync.rpc_start_join, host, port, world_size, rank_offset, backend, timeout)
+    llm.engine.collective_rpc(weight_sync.rpc_finish_join, timeout)
+
+
+def _call_update_weights(dp_rank, options, llm, buckets):
+    from flywheel import weight_sync
+
+    errors = [e for e in llm.engine.collective_rpc(weight_sync.rpc_receive_and_load, buckets) if e]
+    try:
+        llm.reset_prefix_cache()
+    except Exception as error:
+        errors.append(f"resetting the prefix cache failed: {error}")
+    llm.engine.collective_rpc(weight_sync.rpc_report, bool(errors))
+    if errors:
+        raise RuntimeError("; ".join(errors))
+
+
+def _call_reset_prefix_cache(dp_rank, options, llm):
+    llm.reset_prefix_cache()
+
+
+def _call_close_communicator(dp_rank, options, llm):
+    from flywheel import weight_sync
+
+    llm.engine.collective_rpc(weight_sync.rpc_close)
+
+
+def _call_device_uuids(dp_rank, options, llm):
+    from flywheel import weight_sync
+
+    return [uuid for uuid in llm.engine.collective_rpc(weight_sync.rpc_device_uuid) if uuid]
+
+
+_CALLS = {
+    "init_communicator": _call_init_communicator,
+    "update_weights": _call_update_weights,
+    "reset_prefix_cache": _call_reset_prefix_cache,
+    "close_communicator": _call_close_communicator,
+    "device_uuids": _call_device_uuids,
+}
+
+
+# ---------------------------------------------------------------- the pool, in the HTTP process
+
+
+class WorkerPool:
+    """Starts the worker processes and routes requests and commands to them from asyncio code."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.context = mp.get_context("spawn")
+        self.outbox = self.context.Queue()
+        self.inboxes = [self.context.Queue() for _ in range(options.data_parallel_size)]
+        self.processes: list[mp.Process] = []
+        self.param_shapes: dict[str, tuple[int, ...]] = {}
+        self.max_model_len: int | None = None
+        self.dead_reason: str | None = None
+        self.on_gpu = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[int, asyncio.Future]] = {}  # request id -> (worker, future)
+        self._calls: dict[int, tuple[int, asyncio.Future]] = {}
+        self._load = [0] * options.data_parallel_size
+        self._reader: threading.Thread | None = None
+        self._stopping = False
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Spawn the workers and wait until every engine has loaded (or raise why not)."""
+        slices = self._device_slices()
+        self.on_gpu = slices[0] is not None
+        for dp_rank, devices in enumerate(slices):
+            process = self.context.Process(
+                target=worker_main, name=f"flywheel-dp{dp_rank}", daemon=False,
+                args=(dp_rank, self.options, devices, self.inboxes[dp_rank], self.outbox),
+            )
+            process.start()
+            self.processes.append(process)
+        waiting = set(range(len(self.processes)))
+        deadline = time.monotonic() + self.options.startup_timeout
+        while waiting:
+            try:
+                message = self.outbox.get(timeout=1.0)
+            except queue.Empty:
+                dead = [i for i in waiting if not self.processes[i].is_alive()]
+                if dead:
+                    self.shutdown()
+                    raise RuntimeError(f"engine worker dp{dead[0]} exited while loading; see its log above")
+                if time.monotonic() > deadline:
+                    self.shutdown()
+                    raise TimeoutError(f"the engines did not load within {self.options.startup_timeout:.0f}s")
+                continue
+            if message[0] == "fatal":
+                self.shutdown()
+                raise RuntimeError(f"engine worker dp{message[1]}: {message[2]}")
+            if message[0] == "ready":
+                waiting.discard(message[1])
+                info = message[2]
+                self.max_model_len = info.get("max_model_len") or self.max_model_len
+                self.param_shapes = info.get("param_shapes") or self.param_shapes
+        self._reader = threading.Thread(target=self._read_outbox, name="flywheel-outbox", daemon=True)
+        self._reader.start()
+
+    def _device_slices(self) -> list[str | None]:
+        tp, dp = self.options.tensor_parallel_size, self.options.data_parallel_size
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            devices = [d.strip() for d in visible.split(",") if d.strip()]
+        else:
+            import torch
+
+            devices = [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        if not devices:
+            return [None] * dp
+        if len(devices) < tp * dp:
+            raise ValueError(f"tensor_parallel_size x data_parallel_size = {tp * dp} GPUs are needed, but only "
+                             f"{len(devices)} are visible (CUDA_VISIBLE_DEVICES={visible!r})")
+        return [",".join(devices[i * tp:(i + 1) * tp]) for i in range(dp)]
+
+    def shutdown(self, timeout_s: float = 15.0) -> None:
+        """Ask every worker to exit, then terminate any that do not within `timeout_s`."""
+        self._stopping = True
+        for inbox, process in zip(self.inboxes, self.processes):
+            if process.is_alive():
+                inbox.put(("shutdown",))
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes:
+            process.join(max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                logger.warning("worker %s did not exit; terminating it", process.name)
+                process.terminate()
+                process.join(5)
+        self._fail_all(WorkerDied("the server is shutting down"))
+
+    @property
+    def healthy(self) -> bool:
+        return self.dead_reason is None and all(p.is_alive() for p in self.processes)
+
+    # -- generation
+
+    async def generate(self, prompts: list[list[int]], params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run every prompt (spread over the workers, least loaded first) and return outputs in order."""
+        self._check_alive()
+        loop = self._bind_loop()
+        base = f"r{next(self._ids)}"
+        weight = params.get("n", 1)
+        batches: dict[int, list] = {}
+        futures = []
+        with self._lock:
+            for index, prompt_ids in enumerate(prompts):
+                worker = min(range(len(self._load)), key=self._load.__getitem__)
+                self._load[worker] += weight
+                request_id = f"{base}-{index}"
+                future = loop.create_future()
+                self._pending[request_id] = (worker, future)
+                futures.append((request_id, future))
+                batches.setdefault(worker, []).append((request_id, prompt_ids, params))
+        for worker, batch in batches.items():
+            self.inboxes[worker].put(("add", batch))
+        try:
+            return list(await asyncio.gather(*(future for _, future in futures)))
+        except BaseException:
+            self.abort([request_id for request_id, future in futures if not future.done()])
+            raise
+        finally:
+            with self._lock:
+                for request_id, _ in futures:
+                    self._release(request_id, params)
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop generating for these requests (a client went away or timed out)."""
+        by_worker: dict[int, list[str]] = {}
+        with self._lock:
+            for request_id in request_ids:
+                if request_id in self._pending:
+                    by_worker.setdefault(self._pending[request_id][0], []).append(request_id)
+        for worker, ids in by_worker.items():
+            self.inboxes[worker].put(("abort", ids))
+
+    def _release(self, request_id: str, params: dict[str, Any]) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is not None:
+            self._load[entry[0]] = max(0, self._load[entry[0]] - params.get("n", 1))
+
+    # -- commands
+
+    async def call_all(self, name: str, *args: Any) -> list[Any]:
+        """Run a command on every worker and wait for all of them; raises the first failure."""
+        return list(await asyncio.gather(*self.start_call_all(name, *args)))
+
+    def start_call_all(self, name: str, *args: Any) -> list[asyncio.Future]:
+        """Send a command to every worker; returns one future per worker."""
+        self._check_alive()
+        loop = self._bind_loop()
+        futures = []
+        with self._lock:
+            for worker, inbox in enumerate(self.inboxes):
+                call_id = next(self._ids)
+                future = loop.create_future()
+                self._calls[call_id] = (worker, future)
+                futures.append(future)
+                inbox.put(("call", call_id, name, args))
+        return futures
+
+    # -- plumbing
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self.loop = asyncio.get_running_loop()
+        return self.loop
+
+    def _check_alive(self) -> None:
+        if not self.healthy:
+            raise WorkerDied(self.dead_reason or "an engine worker exited; restart the server")
+
+    def _read_outbox(self) -> None:
+        while not self._stopping:
+            try:
+                message = self.outbox.get(timeout=_IDLE_POLL_S)
+            except (queue.Empty, EOFError, OSError):
+                self._check_processes()
+                continue
+            kind = message[0]
+            if kind == "outputs":
+                for output in message[2]:
+                    self._resolve(self._pending.get(output["request_id"]), output)
+            elif kind == "rejected":
+                self._resolve(self._pending.get(message[2]), EngineRejected(message[3]))
+            elif kind == "reply":
+                _, _, call_id, ok, payload = message
+                with self._lock:
+                    entry = self._calls.pop(call_id, None)
+                self._resolve(entry, payload if ok else RuntimeError(payload))
+            elif kind == "fatal":
+                self._mark_dead(f"engine worker dp{message[1]} failed: {message[2]}")
+
+    def _check_processes(self) -> None:
+        for process in self.processes:
+            if not process.is_alive() and not self._stopping:
+                self._mark_dead(f"engine worker {process.name} exited (code {process.exitcode}); restart the server")
+
+    def _mark_dead(self, reason: str) -> None:
+        if self.dead_reason is None:
+            logger.error(reason)
+            self.dead_reason = reason
+        self._fail_all(WorkerDied(reason))
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            entries = list(self._pending.values()) + list(self._calls.values())
+            self._calls.clear()
+        for entry in entries:
+            self._resolve(entry, error)
+
+    def _resolve(self, entry: tuple[int, asyncio.Future] | None, value: Any) -> None:
+        if entry is None or self.loop is None:
+            return
+        future = entry[1]
+
+        def settle() -> None:
+            if future.done():
+                return
+            if isinstance(value, BaseException):
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+
+        self.loop.call_soon_threadsafe(settle)

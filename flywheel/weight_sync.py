@@ -1,0 +1,295 @@
+"""The trainer ↔ server weight-sync group: rendezvous, bucketed flat broadcasts, engine-side receivers.
+
+The group spans every tensor-parallel rank of every data-parallel engine of the server (ranks
+`0 .. tp*dp-1`, rank `dp_rank*tp + tp_rank`) and the client (the last rank, `tp*dp`). Server rank 0
+hosts the TCPStore; the process group (Gloo on CPU, NCCL on GPU) is built directly from that store,
+so torch.distributed's default process group is never created or touched.
+
+Tensors travel as raw bytes in a few flat `uint8` buckets: both sides compute the same bucket plan
+from the list of `{name, dtype, shape}` the client announced over HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from flywheel.engine.distributed import new_process_group
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_BUCKET_BYTES = 256 * 2**20
+# Offsets inside a bucket are aligned so that every slice can be viewed as its dtype.
+_ALIGN = 16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a tensor dtype ("float32", "bfloat16", "float16")."""
+    for name, candidate in DTYPES.items():
+        if candidate == dtype:
+            return name
+    raise ValueError(f"weight sync sends floating-point tensors of {sorted(DTYPES)}, got {dtype}")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What the client announces for one tensor before broadcasting it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Tensors packed back to back (aligned) in one flat byte buffer."""
+
+    specs: tuple[ParamSpec, ...]
+    offsets: tuple[int, ...]
+    nbytes: int
+
+
+def plan_buckets(specs: Iterable[ParamSpec], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[Bucket]:
+    """Pack specs in order into buckets of at most `bucket_bytes` (a larger tensor gets its own)."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    buckets: list[Bucket] = []
+    current: list[ParamSpec] = []
+    offsets: list[int] = []
+    size = 0
+    for spec in specs:
+        start = -(-size // _ALIGN) * _ALIGN
+        if current and start + spec.nbytes > bucket_bytes:
+            buckets.append(Bucket(tuple(current), tuple(offsets), size))
+            current, offsets, start = [], [], 0
+        current.append(spec)
+        offsets.append(start)
+        size = start + spec.nbytes
+    if current:
+        buckets.append(Bucket(tuple(current), tuple(offsets), size))
+    return buckets
+
+
+def flatten_bucket(bucket: Bucket, tensors: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """Copy `tensors` (in the bucket's order) into one flat uint8 buffer on `device`."""
+    buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
+    for spec, offset, tensor in zip(bucket.specs, bucket.offsets, tensors):
+        raw = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        buffer[offset : offset + spec.nbytes].copy_(raw, non_blocking=True)
+    return buffer
+
+
+def unflatten_bucket(bucket: Bucket, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Views of `buffer` as the bucket's named tensors (no copy)."""
+    return [
+        (spec.name, buffer[offset : offset + spec.nbytes].view(DTYPES[spec.dtype]).view(spec.shape))
+        for spec, offset in zip(bucket.specs, bucket.offsets)
+    ]
+
+
+class WeightSyncGroup:
+    """One rank's membership of the weight-sync process group (no default process group involved)."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str, device: torch.device,
+                 timeout_s: float) -> None:
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        self.rank, self.world_size, self.backend, self.device = rank, world_size, backend, device
+        self.client_rank = world_size - 1
+        timeout = timedelta(seconds=timeout_s)
+        where = f"{host}:{port}"
+        try:
+            self.store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
+                                       wait_for_workers=False)
+        except Exception as error:
+            role = "host the rendezvous on" if rank == 0 else "reach the rendezvous at"
+            raise RuntimeError(
+                f"weight sync: rank {rank} could not {role} {where} within {timeout_s:.0f}s ({error}); "
+                "check that the port is free on the server and reachable from the client"
+            ) from error
+        try:
+            self.group = new_process_group(self.store, rank, world_size, self._wire_device(), timeout_s)
+            # A handshake, so that a missing rank shows up here rather than at the first update.
+            count = torch.ones(1, device=self._wire_device())
+            self.group.allreduce([count]).wait()
+        except Exception as error:
+            raise RuntimeError(
+                f"weight sync: rank {rank} of {world_size} did not meet every rank at {where} within "
+                f"{timeout_s:.0f}s ({error}); world_size must be tensor_parallel_size x "
+                "data_parallel_size + 1 and every rank must use the same backend (NCCL when the client "
+                "is on a GPU, Gloo when it is on the CPU)"
+            ) from error
+        if int(count.item()) != world_size:
+            raise RuntimeError(f"weight sync: handshake counted {int(count.item())} ranks, expected {world_size}")
+
+    def _wire_device(self) -> torch.device:
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    def broadcast_from_client(self, buffer: torch.Tensor) -> None:
+        """Fill `buffer` on every rank with the client's copy."""
+        self.group.broadcast([buffer], _broadcast_options(self.client_rank)).wait()
+
+    def sum_flags(self, flag: int) -> int:
+        """All-reduce one integer flag per rank; used to report failures to the client."""
+        value = torch.tensor([float(flag)], device=self._wire_device())
+        self.group.allreduce([value]).wait()
+        return int(value.item())
+
+    def receive_buffer(self, nbytes: int) -> torch.Tensor:
+        """An empty byte buffer on the device this backend broadcasts on."""
+        return torch.empty(nbytes, dtype=torch.uint8, device=self._wire_device())
+
+    def close(self) -> None:
+        group, self.group = self.group, None
+        if group is not None and hasattr(group, "shutdown"):
+            try:
+                group.shutdown()
+            except Exception:  # a peer already gone; nothing left to release
+                logger.debug("weight sync: group shutdown raised", exc_info=True)
+        self.store = None
+
+
+def _broadcast_options(root: int) -> dist.BroadcastOptions:
+    options = dist.BroadcastOptions()
+    options.rootRank = root
+    options.rootTensor = 0
+    return options
+
+
+def send_buckets(group: WeightSyncGroup, named_tensors: list[tuple[str, torch.Tensor]],
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """The client's side of an update: broadcast the tensors bucket by bucket, then check the result."""
+    by_name = dict(named_tensors)
+    specs = [ParamSpec(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in named_tensors]
+    for bucket in plan_buckets(specs, bucket_bytes):
+        buffer = flatten_bucket(bucket, [by_name[s.name] for s in bucket.specs], group._wire_device())
+        group.broadcast_from_client(buffer)
+    failures = group.sum_flags(0)
+    if failures:
+        raise RuntimeError(
+            f"weight sync: {failures} server rank(s) failed to load the update; the server log says why"
+        )
+
+
+# ---- engine side: module-level functions run on every tensor-parallel rank by collective_rpc ----
+
+_state: dict[str, object] = {}
+
+
+def rpc_start_join(model_runner, host: str, port: int, world_size: int, rank_offset: int, backend: str,
+                   timeout_s: float) -> None:
+    """Start joining the group in a thread (every rank must be joining at once), return at once."""
+    if "group" in _state or "joining" in _state:
+        raise RuntimeError("weight sync: a communicator is already open; close it first")
+    rank = rank_offset + model_runner.tp_rank
+    device = torch.device(model_runner.device)
+    outcome: dict[str, object] = {}
+
+    def join() -> None:
+        try:
+            outcome["group"] = WeightSyncGroup(host, port, rank, world_size, backend, device, timeout_s)
+        except Exception as error:  # reported by rpc_finish_join
+            outcome["error"] = error
+
+    thread = threading.Thread(target=join, name="weight-sync-join", daemon=True)
+    thread.start()
+    _state["joining"] = (thread, outcome)
+
+
+def rpc_finish_join(model_runner, timeout_s: float) -> None:
+    """Wait for the join started by `rpc_start_join`; raise what went wrong."""
+    thread, outcome = _state.pop("joining")
+    thread.join(timeout_s + 5)
+    if thread.is_alive():
+        raise TimeoutError(f"weight sync: rank {model_runner.tp_rank} still joining after {timeout_s:.0f}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    _state["group"] = outcome["group"]
+
+
+def rpc_receive_and_load(model_runner, buckets: list[Bucket]) -> str | None:
+    """Receive every bucket and load it into this rank's shard; returns an error message or None."""
+    group: WeightSyncGroup = _state.get("group")
+    if group is None:
+        return "no communicator is open on this rank"
+    error = None
+    for bucket in buckets:
+        buffer = group.receive_buffer(bucket.nbytes)
+        group.broadcast_from_client(buffer)
+        if error is not None:
+            continue  # keep receiving so the client's broadcasts complete
+        try:
+            tensors = [(name, t.to(model_runner.device)) for name, t in unflatten_bucket(bucket, buffer)]
+            model_runner.model.load_weights(tensors)
+        except Exception as failure:
+            logger.exception("weight sync: loading a bucket failed")
+            error = f"{type(failure).__name__}: {failure}"
+    return error
+
+
+def rpc_report(model_runner, failed: bool) -> int:
+    """Tell the client (and every rank) how many ranks failed the update."""
+    group: WeightSyncGroup = _state["group"]
+    return group.sum_flags(1 if failed else 0)
+
+
+def rpc_close(model_runner) -> None:
+    """Leave the group (a no-op when none is open)."""
+    group = _state.pop("group", None)
+    if group is not None:
+        group.close()
+
+
+def rpc_device_uuid(model_runner) -> str | None:
+    """This rank's GPU UUID (None on the CPU), to refuse a client that shares a server GPU."""
+    device = torch.device(model_runner.device)
+    if device.type != "cuda":
+        return None
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def checkpoint_param_specs(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Parameter names and full shapes of a local safetensors checkpoint, read from file headers."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            for name in checkpoint.keys():
+                shapes[name] = tuple(checkpoint.get_slice(name).get_shape())
+    return shapes
+
+
+def validate_specs(specs: list[ParamSpec], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise ValueError naming the first announced tensor that the served model cannot take."""
+    seen = set()
+    for index, spec in enumerate(specs):
+        where = f"params[{index}] ({spec.name!r})"
+        if spec.name in seen:
+            raise ValueError(f"{where}: the name appears twice in one update")
+        seen.add(spec.name)
+        if spec.name not in expected:
+            close = [n for n in expected if n.rsplit(".", 1)[-1] == spec.name.rsplit(".", 1)[-1]][:3]
+            raise ValueError(f"{where}: the served model has no parameter of that name"
+                             + (f"; similar names: {close}" if close else ""))
+        if spec.dtype not in DTYPES:
+            raise ValueError(f"{where}: dtype must be one of {sorted(DTYPES)}, got {spec.dtype!r}")
+        if tuple(spec.shape) != tuple(expected[spec.name]):
+            raise ValueError(f"{where}: shape {list(spec.shape)} does not match the served model's "
+                             f"{list(expected[spec.name])}")
