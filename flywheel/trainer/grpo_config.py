@@ -1,0 +1,144 @@
+"""GRPOConfig: the GRPO trainer's arguments, with TRL's names and help texts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flywheel.trainer.rollout_config import RolloutTrainingArguments
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class GRPOConfig(RolloutTrainingArguments):
+    """Arguments of `GRPOTrainer`.
+
+    Batch sizes count completions, not prompts: one optimizer step sees
+    `per_device_train_batch_size × processes × gradient_accumulation_steps` completions, made of
+    groups of `num_generations` completions of the same prompt.
+    """
+
+    num_generations: int = field(
+        default=8,
+        metadata={"help": "Completions sampled per prompt (the group whose mean reward is the baseline); >= 2."},
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Completions generated at once over all processes; a multiple of per_device_train_batch_size × "
+            "processes. Default: that product × steps_per_generation. Set this or steps_per_generation."
+        },
+    )
+    steps_per_generation: int | None = field(
+        default=None,
+        metadata={"help": "Micro-batches trained on per generation. Default: gradient_accumulation_steps."},
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the KL penalty to the reference model; 0 loads no reference model."},
+    )
+    num_iterations: int = field(
+        default=1,
+        metadata={"help": "Updates per generation batch (μ in the GRPO paper); > 1 makes later updates off-policy."},
+    )
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clipping bound of the probability ratio: 1 - epsilon."})
+    epsilon_high: float | None = field(
+        default=None,
+        metadata={"help": "Upper clipping bound: 1 + epsilon_high (DAPO's clip-higher). Default: epsilon."},
+    )
+    loss_type: str = field(
+        default="dapo",
+        metadata={
+            "help": "How per-token losses are averaged. 'grpo': per sequence, then over sequences (length-biased). "
+            "'bnpo': over the micro-batch's tokens. 'dr_grpo': sum over tokens ÷ (sequences × "
+            "max_completion_length). 'dapo': over all tokens of the optimizer step's batch, across processes."
+        },
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={
+            "help": "Divide advantages by the reward std of the 'group' (GRPO), of the whole 'batch', or 'none' "
+            "(Dr. GRPO). True and False mean 'group' and 'none'."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per reward function (the total reward is the weighted sum). Default: all 1."},
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={"help": "Leave completions that hit max_completion_length (no EOS) out of the loss."},
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=True,
+        metadata={
+            "help": "With use_vllm, weight each token's loss by min(π_trainer / π_engine, cap) to correct the gap "
+            "between the engine's and the trainer's probabilities (truncated importance sampling)."
+        },
+    )
+    vllm_importance_sampling_cap: float = field(
+        default=2.0,
+        metadata={"help": "Upper bound of the importance-sampling weight."},
+    )
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the training prompts."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scale_rewards, bool):
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        super().__post_init__()
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS} (or a bool), got {self.scale_rewards!r}")
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be >= 2 (the group's mean reward is the baseline), got {self.num_generations}"
+            )
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if self.epsilon_high <= 0:
+            raise ValueError(f"epsilon_high must be > 0, got {self.epsilon_high}")
+        if self.vllm_importance_sampling_cap <= 0:
+            raise ValueError(f"vllm_importance_sampling_cap must be > 0, got {self.vllm_importance_sampling_cap}")
+        self._resolve_generation_batch()
+
+    def _resolve_generation_batch(self) -> None:
+        num_processes = self.world_size
+        step_batch = self.per_device_train_batch_size * num_processes
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("set generation_batch_size or steps_per_generation, not both")
+        if self.generation_batch_size is None:
+            if self.steps_per_generation is None:
+                self.steps_per_generation = self.gradient_accumulation_steps
+            if self.steps_per_generation < 1:
+                raise ValueError(f"steps_per_generation must be >= 1, got {self.steps_per_generation}")
+            self.generation_batch_size = step_batch * self.steps_per_generation
+        else:
+            if self.generation_batch_size < 1 or self.generation_batch_size % step_batch:
+                raise ValueError(
+                    f"generation_batch_size ({self.generation_batch_size}) must be a positive multiple of "
+                    f"per_device_train_batch_size ({self.per_device_train_batch_size}) × processes ({num_processes})"
+                )
+            self.steps_per_generation = self.generation_batch_size // step_batch
+        if self.generation_batch_size % self.num_generations:
+            raise ValueError(
+                f"the global generation batch ({self.generation_batch_size} completions = per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} × {num_processes} processes × steps_per_generation "
+                f"{self.steps_per_generation}) must be divisible by num_generations ({self.num_generations}); "
+                "change one of them"
+            )
+        if self.eval_strategy != "no":
+            eval_batch = self.per_device_eval_batch_size * num_processes
+            if eval_batch % self.num_generations:
+                raise ValueError(
+                    f"the global eval batch ({eval_batch} = per_device_eval_batch_size "
+                    f"{self.per_device_eval_batch_size} × {num_processes} processes) must be divisible by "
+                    f"num_generations ({self.num_generations})"
+                )

@@ -1,0 +1,232 @@
+"""GRPOTrainer: Group Relative Policy Optimization on `transformers.Trainer`, rollouts from any placement."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+from flywheel.trainer.batching import split_batch
+from flywheel.trainer.grpo_config import GRPOConfig
+from flywheel.trainer.logprobs import completion_logps
+from flywheel.trainer.losses import grpo_loss, masked_mean
+from flywheel.trainer.online_trainer import Generated, OnlineTrainer, reference_model
+from flywheel.trainer.rewards import (
+    RewardFunc,
+    RewardModelScorer,
+    combine_rewards,
+    compute_rewards,
+    group_advantages,
+    load_reward_funcs,
+    reward_func_name,
+)
+from flywheel.trainer.sampler import RepeatSampler
+
+logger = logging.getLogger(__name__)
+
+
+class GRPOTrainer(OnlineTrainer):
+    """Trains a causal LM with GRPO: sample `num_generations` completions per prompt, score them with the
+    reward functions, and push up the completions that beat their group's mean.
+
+    Example:
+        trainer = GRPOTrainer(model="Qwen/Qwen2.5-0.5B", reward_funcs=my_reward, train_dataset=dataset,
+                              args=GRPOConfig(output_dir="out", use_vllm=True, vllm_mode="colocate"))
+        trainer.train()
+
+    Only what changes from `Trainer` is overridden: the sampler (groups of one prompt), input
+    preparation (generation, rewards, advantages, buffered over `steps_per_generation` micro-steps),
+    the loss, and logging.
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs: RewardFunc | str | PreTrainedModel | list[RewardFunc | str | PreTrainedModel],
+        args: GRPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase | None] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+    ) -> None:
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = GRPOConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-GRPO")
+        if not isinstance(args, GRPOConfig):
+            raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers)
+        self.reward_funcs = load_reward_funcs(reward_funcs, reward_processing_classes)
+        for func in self.reward_funcs:
+            if isinstance(func, RewardModelScorer):
+                func.model = self.prepare_frozen_model(func.model)
+        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions"
+            )
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32, device=self.accelerator.device)
+        self.ref_model = None
+        if args.beta != 0.0:
+            ref = reference_model(self.model_path, self.model, args.model_init_kwargs)
+            self.ref_model = self.prepare_frozen_model(ref)
+        # Old-policy logprobs are needed when a batch is trained on after an optimizer step, or to
+        # correct the gap to the engine's sampling distribution.
+        self.needs_old_logps = (
+            args.num_iterations > 1
+            or args.steps_per_generation > args.gradient_accumulation_steps
+            or (args.use_vllm and args.vllm_importance_sampling_correction)
+        )
+        self._buffered: list[dict[str, Any]] | None = None
+        self._micro_step = 0
+
+    # ---- data ----
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("GRPOTrainer: training requires a train_dataset")
+        # One loader batch per process is its share of a whole generation batch.
+        return self._get_dataloader(self.train_dataset, "Training",
+                                    batch_size=self._train_batch_size * self.args.steps_per_generation,
+                                    sampler_fn=self._get_train_sampler, is_training=True)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Sampler:
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        args = self.args
+        return RepeatSampler(dataset, mini_repeat_count=args.num_generations,
+                             batch_size=args.generation_batch_size // args.num_generations,
+                             repeat_count=args.num_iterations * args.steps_per_generation,
+                             shuffle=args.shuffle_dataset, seed=args.seed)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Sampler:
+        return RepeatSampler(eval_dataset, mini_repeat_count=self.args.num_generations, shuffle=False,
+                             seed=self.args.seed)
+
+    # ---- rollouts ----
+
+    def _prepare_inputs(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if not self.model.training:
+            return self._generate_and_score(rows, "eval")
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        if self._buffered is None or self._micro_step % generate_every == 0:
+            batch = self._generate_and_score(rows, "train")
+            self._buffered = split_batch(batch, self.args.steps_per_generation)
+        inputs = self._buffered[self._micro_step % self.args.steps_per_generation]
+        self._micro_step += 1
+        return inputs
+
+    def _generate_and_score(self, rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+        args = self.args
+        prompts = [row["prompt"] for row in rows]
+        generated = self.generate(prompts, mode)
+        with self.metrics.timed(mode, "reward"):
+            advantages = self._advantages(rows, generated, mode)
+        loss_mask = generated.completion_mask
+        if args.mask_truncated_completions:
+            loss_mask = loss_mask * (~generated.truncated).unsqueeze(1)
+        total_tokens = self.accelerator.gather(loss_mask.sum()).sum().float()
+        micro_batches = args.steps_per_generation if mode == "train" else 1
+        batch: dict[str, Any] = {
+            "prompt_ids": generated.prompt_ids,
+            "prompt_mask": generated.prompt_mask,
+            "completion_ids": generated.completion_ids_padded,
+            "completion_mask": generated.completion_mask,
+            "loss_mask": loss_mask,
+            "advantages": advantages,
+            # dapo's normaliser: the tokens of an average micro-batch of one process.
+            "tokens_per_micro_batch": total_tokens / (self.accelerator.num_processes * micro_batches),
+        }
+        if generated.sampling_logps is not None:
+            batch["sampling_logps"] = generated.sampling_logps
+        with torch.no_grad():
+            if self.needs_old_logps and mode == "train":
+                batch["old_logps"] = self._logps(self.model, batch)
+                if args.use_vllm and args.vllm_importance_sampling_correction and "sampling_logps" in batch:
+                    ratio = torch.exp(batch["old_logps"] - batch["sampling_logps"])
+                    batch["importance_weights"] = ratio.clamp(max=args.vllm_importance_sampling_cap)
+                    self._log_importance_weights(mode, batch["importance_weights"], generated.completion_mask)
+            if self.ref_model is not None:
+                batch["ref_logps"] = self._logps(self.ref_model, batch)
+        return batch
+
+    def _logps(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        logps, _ = completion_logps(model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                                    batch["completion_mask"], temperature=self.args.temperature,
+                                    batch_size=self.args.per_device_train_batch_size)
+        return logps
+
+    def _advantages(self, rows: list[dict[str, Any]], generated: Generated, mode: str) -> torch.Tensor:
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        local = compute_rewards(self.reward_funcs, generated.prompts, generated.completions, generated.completion_ids,
+                                columns, trainer_state=self.state)
+        rewards_per_func = self.accelerator.gather(local.to(self.accelerator.device))
+        rewards = combine_rewards(rewards_per_func, self.reward_weights)
+        advantages, group_std = group_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
+
+        self.metrics.add(mode, "reward", rewards.mean().item())
+        self.metrics.add(mode, "reward_std", group_std.mean().item())
+        self.metrics.add(mode, "frac_reward_zero_std", (group_std < 1e-6).float().mean().item())
+        for column, func in enumerate(self.reward_funcs):
+            values = rewards_per_func[:, column]
+            values = values[~torch.isnan(values)]
+            name = reward_func_name(func)
+            self.metrics.add(mode, f"rewards/{name}/mean", values.mean().item() if values.numel() else float("nan"))
+            self.metrics.add(mode, f"rewards/{name}/std", values.std().item() if values.numel() > 1 else float("nan"))
+        if self.args.log_completions:
+            self._remember_completions(generated, rewards)
+
+        start = self.accelerator.process_index * len(rows)
+        return advantages[start : start + len(rows)]
+
+    def _log_importance_weights(self, mode: str, weights: torch.Tensor, mask: torch.Tensor) -> None:
+        valid = weights[mask.bool()]
+        if valid.numel():
+            self.log_mean(mode, "sampling/importance_sampling_ratio/mean", valid.mean())
+            self.log_mean(mode, "sampling/importance_sampling_ratio/min", valid.min())
+            self.log_mean(mode, "sampling/importance_sampling_ratio/max", valid.max())
+
+    def _remember_completions(self, generated: Generated, rewards: torch.Tensor) -> None:
+        from accelerate.utils import gather_object
+
+        prompts = gather_object(generated.prompts)
+        completions = gather_object(generated.completions)
+        limit = self.args.num_completions_to_print or len(completions)
+        if self.accelerator.is_main_process:
+            for prompt, completion, reward in list(zip(prompts, completions, rewards.tolist()))[:limit]:
+                logger.info("step %d | reward %.4f | prompt %r | completion %r", self.state.global_step, reward,
+                            prompt, completion)
+
+    # ---- loss ----
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> torch.Tensor:
+        if return_outputs:
+            raise ValueError("GRPOTrainer.compute_loss does not return model outputs")
+        args = self.args
+        mode = "train" if model.training else "eval"
+        logps, entropy = completion_logps(model, inputs["prompt_ids"], inputs["prompt_mask"],
+                                          inputs["completion_ids"], inputs["completion_mask"],
+                                          temperature=args.temperature, with_entropy=True)
+        old_logps = inputs.get("old_logps", logps.detach())
+        loss, stats = grpo_loss(
+            logps, old_logps, inputs["advantages"], inputs["loss_mask"], loss_type=args.loss_type,
+            epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta,
+            ref_logps=inputs.get("ref_logps"), importance_weights=inputs.get("importance_weights"),
+            max_completion_length=args.max_completion_length, num_items_in_batch=inputs["tokens_per_micro_batch"],
+        )
+        mask = inputs["completion_mask"]
+        self.log_mean(mode, "entropy", masked_mean(entropy.detach(), mask))
+        for name, value in stats.items():
+            self.log_mean(mode, name if name == "kl" else f"{name}_mean", value)
+        if "sampling_logps" in inputs:
+            # The generating policy's trainer logprobs vs the engine's: the gap logged to watch drift.
+            gap = (old_logps - inputs["sampling_logps"]).abs()
+            self.log_mean(mode, "sampling/sampling_logp_difference/mean", masked_mean(gap, mask))
+            self.log_mean(mode, "sampling/sampling_logp_difference/max",
+                          gap[mask.bool()].max() if mask.any() else torch.tensor(float("nan")))
+        return loss

@@ -1,0 +1,115 @@
+"""The GRPO and DPO objectives as pure functions of log-probabilities (no model, no trainer)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def per_token_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """The k3 estimator of KL(π ‖ π_ref) per token: exp(r) − r − 1 with r = log π_ref − log π (always ≥ 0)."""
+    log_ratio = ref_logps - logps
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (0 when the mask is empty)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    loss_type: str,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+    importance_weights: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped GRPO surrogate of one micro-batch, and its statistics.
+
+    Args:
+        logps: [B, T] log π_θ of each completion token (with grad).
+        old_logps: [B, T] log π_θ_old (the policy that generated); equal to `logps.detach()` on-policy.
+        advantages: [B] one advantage per completion.
+        completion_mask: [B, T] 1 for tokens in the loss.
+        loss_type: 'grpo' (mean per sequence, then over sequences), 'bnpo' (mean over the batch's tokens),
+            'dr_grpo' (token sum ÷ (B × max_completion_length)), 'dapo' (token sum ÷ num_items_in_batch).
+        epsilon_low, epsilon_high: the ratio is clipped to [1 − epsilon_low, 1 + epsilon_high].
+        beta: weight of the per-token KL to `ref_logps`.
+        importance_weights: [B, T] truncated importance-sampling weights π_old / π_engine (capped), or None.
+        max_completion_length: the normaliser of 'dr_grpo'.
+        num_items_in_batch: the normaliser of 'dapo' (the step's token count); default: this batch's.
+
+    Returns:
+        (loss, stats) with stats 'kl' (when beta > 0), 'clip_ratio/low', 'clip_ratio/high',
+        'clip_ratio/region' (fractions of tokens, detached).
+    """
+    mask = completion_mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    advantages = advantages.unsqueeze(1)
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    if importance_weights is not None:
+        per_token_loss = per_token_loss * importance_weights
+    stats: dict[str, torch.Tensor] = {}
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta != 0 needs ref_logps")
+        kl = per_token_kl(logps, ref_logps)
+        per_token_loss = per_token_loss + beta * kl
+        stats["kl"] = masked_mean(kl.detach(), mask)
+
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    elif loss_type == "dapo":
+        normaliser = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = (per_token_loss * mask).sum() / normaliser
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose grpo, bnpo, dr_grpo or dapo")
+
+    with torch.no_grad():
+        low = (ratio < 1 - epsilon_low) & (advantages < 0)
+        high = (ratio > 1 + epsilon_high) & (advantages > 0)
+        stats["clip_ratio/low"] = masked_mean(low.to(mask.dtype), mask)
+        stats["clip_ratio/high"] = masked_mean(high.to(mask.dtype), mask)
+        stats["clip_ratio/region"] = masked_mean((low | high).to(mask.dtype), mask)
+    return loss, stats
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and the implicit rewards β·(log π − log π_ref) of chosen and rejected.
+
+    All inputs are [B] sums of completion-token log-probabilities. 'sigmoid' is −log σ(β·h) and 'ipo'
+    is (h − 1/(2β))², with h = (chosen − rejected) − (ref_chosen − ref_rejected).
+    """
+    logits = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose 'sigmoid' or 'ipo'")
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards

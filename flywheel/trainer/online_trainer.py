@@ -1,0 +1,200 @@
+"""OnlineTrainer: what GRPO and Online DPO share on top of `transformers.Trainer`.
+
+Loading the policy and tokenizer, the rollout placement, weight sync before generation, decoding,
+completion-length and phase-time metrics, and logging them with the Trainer's own logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+)
+
+from flywheel.trainer.batching import left_pad, right_pad
+from flywheel.trainer.metrics import MetricsLog
+from flywheel.trainer.prompts import decode_completions, tokenize_prompts
+from flywheel.trainer.rollout import make_rollout
+from flywheel.trainer.rollout_config import RolloutTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Generated:
+    """This process's completions of one rollout, as lists and as padded tensors."""
+
+    prompts: list[Any]
+    completions: list[Any]
+    completion_ids: list[list[int]]
+    truncated: torch.Tensor  # [B] bool
+    sampling_logps: torch.Tensor | None  # [B, C] the generator's logprobs, 0 on padding
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor
+    completion_ids_padded: torch.Tensor  # [B, C] right-padded
+    completion_mask: torch.Tensor
+
+
+def identity_collator(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows stay rows: prompts are tokenized at generation time."""
+    return rows
+
+
+def load_policy(model: str | PreTrainedModel, model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
+    """The trained model: loaded from a path (dtype 'auto' unless given), or used as given."""
+    if isinstance(model, str):
+        kwargs = dict(model_init_kwargs or {})
+        kwargs.setdefault("dtype", "auto")
+        return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    if model_init_kwargs:
+        raise ValueError("model_init_kwargs applies only when model is a path; the model was given as an object")
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a path or a transformers PreTrainedModel, got {type(model)}")
+    return model
+
+
+def reference_model(model_path: str | None, policy: PreTrainedModel, model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
+    """A frozen copy of the initial policy (reloaded from its path, or deep-copied)."""
+    ref = load_policy(model_path, model_init_kwargs) if model_path is not None else copy.deepcopy(policy)
+    return ref.eval().requires_grad_(False)
+
+
+def load_tokenizer(model: PreTrainedModel) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model.config._name_or_path)
+
+
+class OnlineTrainer(Trainer):
+    """Base of the online trainers: generation with any placement, plus shared metrics."""
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        args: RolloutTrainingArguments,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+    ) -> None:
+        self.model_path = model if isinstance(model, str) else None
+        model = load_policy(model, args.model_init_kwargs)
+        if processing_class is None:
+            processing_class = load_tokenizer(model)
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+        super().__init__(model=model, args=args, data_collator=identity_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers)
+        # The losses are per-micro-batch means: the Trainer divides them by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.metrics = MetricsLog()
+        self._metrics_logged_step = 0
+        self.eos_token_ids = self._eos_token_ids()
+        max_model_len = None
+        if args.max_prompt_length is not None:
+            max_model_len = args.max_prompt_length + args.max_completion_length
+        self.rollout = make_rollout(args, self.model, processing_class, self.accelerator, self.eos_token_ids,
+                                    self.model_path, max_model_len)
+
+    def _eos_token_ids(self) -> list[int]:
+        ids = {self.processing_class.eos_token_id}
+        config_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+        return sorted(i for i in ids if i is not None)
+
+    def prepare_frozen_model(self, model: nn.Module) -> nn.Module:
+        """Put a no-grad helper model (reference, reward) on the device with the training precision."""
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    def generate(self, prompts: list[Any], mode: str) -> Generated:
+        """Sync weights if they changed, then one completion per prompt entry, from this process's share."""
+        device = self.accelerator.device
+        prompt_ids = tokenize_prompts(prompts, self.processing_class, self.args.max_prompt_length)
+        with self.metrics.timed(mode, "weight_sync"):
+            self.rollout.sync_weights(self.accelerator.unwrap_model(self.model), self.state.global_step)
+        with self.metrics.timed(mode, "generation"):
+            self.rollout.wake_up()
+            output = self.rollout.generate(prompt_ids)
+            self.rollout.sleep()
+        pad = self.processing_class.pad_token_id
+        prompt_tensor, prompt_mask = left_pad(prompt_ids, pad, device)
+        completion_tensor, completion_mask = right_pad(output.completion_ids, pad, device)
+        sampling_logps = None
+        if output.logprobs is not None:
+            sampling_logps, _ = right_pad(output.logprobs, 0, device, dtype=torch.float32)
+        generated = Generated(
+            prompts=list(prompts),
+            completions=decode_completions(prompts, output.completion_ids, self.processing_class),
+            completion_ids=output.completion_ids,
+            truncated=torch.tensor(output.truncated, dtype=torch.bool, device=device),
+            sampling_logps=sampling_logps,
+            prompt_ids=prompt_tensor,
+            prompt_mask=prompt_mask,
+            completion_ids_padded=completion_tensor,
+            completion_mask=completion_mask,
+        )
+        self._log_lengths(mode, generated)
+        return generated
+
+    def _log_lengths(self, mode: str, generated: Generated) -> None:
+        lengths = self.accelerator.gather(generated.completion_mask.sum(-1))
+        truncated = self.accelerator.gather(generated.truncated.long()).bool()
+        self.metrics.add(mode, "completions/mean_length", lengths.float().mean().item())
+        self.metrics.add(mode, "completions/min_length", lengths.min().item())
+        self.metrics.add(mode, "completions/max_length", lengths.max().item())
+        self.metrics.add(mode, "completions/clipped_ratio", truncated.float().mean().item())
+        terminated = lengths[~truncated]
+        self.metrics.add(mode, "completions/mean_terminated_length",
+                         terminated.float().mean().item() if terminated.numel() else float("nan"))
+        self.metrics.add(mode, "num_tokens", (lengths.sum() + self.accelerator.gather(generated.prompt_mask.sum()).sum()).item())
+
+    def log_mean(self, mode: str, name: str, value: torch.Tensor) -> None:
+        """Log the mean over processes of a per-process scalar (NaN where a process had none)."""
+        values = self.accelerator.gather(value.detach().float().reshape(1))
+        self.metrics.add(mode, name, values.nanmean().item())
+
+    def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        # Time spent training = the step minus the generation/reward/sync time recorded inside it.
+        recorded_before = self.metrics.seconds("train")
+        start = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        inner = self.metrics.seconds("train") - recorded_before
+        self.metrics.add_time("train", "train", time.perf_counter() - start - inner)
+        return loss
+
+    def prediction_step(self, model: nn.Module, inputs: Any, prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if any(key.startswith("eval_") for key in logs):
+            logs = {**logs, **{f"eval_{k}": v for k, v in self.metrics.summary("eval", 1).items()}}
+        else:
+            steps = self.state.global_step - self._metrics_logged_step
+            self._metrics_logged_step = self.state.global_step
+            logs = {**logs, **self.metrics.summary("train", steps)}
+        super().log(logs, start_time)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Rows are consumed whole (prompt + reward columns), never fed to model.forward.
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+

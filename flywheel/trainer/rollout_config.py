@@ -1,0 +1,160 @@
+"""Training arguments shared by the online trainers: sampling and where rollouts are generated."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+VLLM_MODES = ("server", "colocate")
+
+
+@dataclass
+class RolloutTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the sampling and rollout-placement fields GRPO and Online DPO share.
+
+    The `vllm_*` names are those TRL users know; the engine behind them is flywheel's own.
+    """
+
+    # Defaults that differ from `TrainingArguments`.
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate of AdamW."})
+    logging_steps: float = field(
+        default=10,
+        metadata={"help": "Log every X optimizer steps (an integer, or a float in (0, 1) as a ratio of all steps)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={
+            "help": "Kept False: every dataset column besides `prompt` is handed to the reward functions, so none "
+            "may be dropped."
+        },
+    )
+
+    # Model.
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a path "
+            "(e.g. {'dtype': 'bfloat16'}); dtype defaults to 'auto'."
+        },
+    )
+
+    # Sampling.
+    max_prompt_length: int | None = field(
+        default=512,
+        metadata={"help": "Prompts longer than this many tokens keep their last tokens (left truncation). None: no limit."},
+    )
+    max_completion_length: int = field(default=256, metadata={"help": "Most tokens generated per completion."})
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature (> 0); the trainer's logprobs use the same temperature."},
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens of mass top_p."})
+    top_k: int = field(default=0, metadata={"help": "Keep only the k most likely tokens; 0 or -1 disables."})
+    min_p: float = field(
+        default=0.0,
+        metadata={"help": "Drop tokens whose probability is below min_p times the top token's; 0 disables."},
+    )
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "Penalty (> 0) for tokens already in the prompt or completion; 1.0 disables."},
+    )
+    generation_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Further sampling arguments: SamplingParams fields for the engine, or `generate` arguments "
+            "when use_vllm=False. They override the fields above."
+        },
+    )
+
+    # Rollout placement.
+    use_vllm: bool = field(
+        default=False,
+        metadata={
+            "help": "Generate with flywheel's engine (server or colocated, see vllm_mode) instead of "
+            "transformers `generate`."
+        },
+    )
+    vllm_mode: str = field(
+        default="server",
+        metadata={
+            "help": "'server': a separate `flywheel serve` process generates, weights are pushed to it over a "
+            "collective group. 'colocate': an engine lives in each training process and shares its device."
+        },
+    )
+    vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={"help": "Base URL of the server (e.g. 'http://10.0.0.5:8000'); overrides host and port."},
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Host of the generation server."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "HTTP port of the generation server."})
+    vllm_server_timeout: float = field(
+        default=240.0,
+        metadata={"help": "Seconds to wait for the server to answer /health before giving up."},
+    )
+    vllm_group_port: int = field(
+        default=51216,
+        metadata={"help": "Port of the weight-sync collective group between the trainer and the server."},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={"help": "Colocate: fraction of the device memory the engine may take (weights + KV cache)."},
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Colocate: tensor-parallel size of the engine (1 when several training processes run)."},
+    )
+    vllm_kv_cache_memory_gb: float | None = field(
+        default=None,
+        metadata={"help": "Colocate: KV-cache size in GiB (used on the CPU; on a GPU the memory fraction decides)."},
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=True,
+        metadata={"help": "Colocate: release the engine's KV cache while training and re-allocate it before generating."},
+    )
+
+    # Logging.
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "Log a sample of prompts, completions and rewards at every logging step."},
+    )
+    num_completions_to_print: int | None = field(
+        default=None,
+        metadata={"help": "How many completions log_completions shows; None: all of the last generation."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Reward functions need the extra columns; the Trainer's column pruning would drop them.
+        self.remove_unused_columns = False
+        # Dict fields arrive as JSON text from the command line.
+        for name in ("model_init_kwargs", "generation_kwargs"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, json.loads(getattr(self, name)))
+        if self.vllm_mode not in VLLM_MODES:
+            raise ValueError(f"vllm_mode must be one of {VLLM_MODES}, got {self.vllm_mode!r}")
+        if self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1 or None, got {self.max_prompt_length}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (the trainer divides logits by it), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be >= -1 (0 or -1 disables), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
+        if self.use_vllm and self.vllm_mode == "colocate" and self.vllm_tensor_parallel_size > 1 and self.world_size > 1:
+            raise ValueError(
+                "vllm_tensor_parallel_size > 1 in colocate mode needs a single training process; "
+                f"got {self.world_size} processes. Use vllm_mode='server' for a tensor-parallel engine."
+            )

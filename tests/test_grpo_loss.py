@@ -1,0 +1,161 @@
+"""The GRPO loss of every loss_type, and the advantages, against references computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from flywheel.trainer.losses import grpo_loss
+from flywheel.trainer.rewards import combine_rewards, compute_rewards, group_advantages
+
+# Three completions of up to four tokens; the third has only two real tokens.
+LOGPS = [[-1.0, -0.5, -2.0, -0.1], [-0.3, -1.2, -0.7, -0.9], [-2.5, -0.2, -1.0, -1.0]]
+OLD_LOGPS = [[-1.1, -0.9, -1.9, -0.1], [-0.1, -1.2, -1.5, -0.4], [-2.0, -0.25, -1.0, -1.0]]
+REF_LOGPS = [[-1.2, -0.4, -2.2, -0.3], [-0.5, -1.0, -0.6, -1.1], [-2.3, -0.1, -1.0, -1.0]]
+ADVANTAGES = [1.5, -0.8, 0.6]
+MASK = [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]]
+IS_WEIGHTS = [[1.0, 0.9, 1.2, 2.0], [0.5, 1.0, 1.1, 1.0], [1.3, 0.8, 1.0, 1.0]]
+EPS_LOW, EPS_HIGH, BETA, MAX_LEN = 0.2, 0.28, 0.04, 6
+
+
+def hand_token_losses(beta: float, with_is: bool) -> list[list[float]]:
+    """Per-token loss, one token at a time, straight from the GRPO objective."""
+    losses = []
+    for i in range(3):
+        row = []
+        for t in range(4):
+            ratio = math.exp(LOGPS[i][t] - OLD_LOGPS[i][t])
+            clipped = min(max(ratio, 1 - EPS_LOW), 1 + EPS_HIGH)
+            loss = -min(ratio * ADVANTAGES[i], clipped * ADVANTAGES[i])
+            if with_is:
+                loss *= IS_WEIGHTS[i][t]
+            if beta:
+                r = REF_LOGPS[i][t] - LOGPS[i][t]
+                loss += beta * (math.exp(r) - r - 1)
+            row.append(loss)
+        losses.append(row)
+    return losses
+
+
+def hand_loss(loss_type: str, beta: float = 0.0, with_is: bool = False, num_items: float | None = None) -> float:
+    token_losses = hand_token_losses(beta, with_is)
+    masked_rows = [[l for l, m in zip(row, mask_row) if m] for row, mask_row in zip(token_losses, MASK)]
+    total = sum(sum(row) for row in masked_rows)
+    num_tokens = sum(len(row) for row in masked_rows)
+    if loss_type == "grpo":
+        return sum(sum(row) / len(row) for row in masked_rows) / 3
+    if loss_type == "bnpo":
+        return total / num_tokens
+    if loss_type == "dr_grpo":
+        return total / (3 * MAX_LEN)
+    if loss_type == "dapo":
+        return total / (num_items if num_items is not None else num_tokens)
+    raise AssertionError(loss_type)
+
+
+def run_loss(loss_type: str, beta: float = 0.0, with_is: bool = False, num_items: float | None = None):
+    logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
+    loss, stats = grpo_loss(
+        logps, torch.tensor(OLD_LOGPS, dtype=torch.float64), torch.tensor(ADVANTAGES, dtype=torch.float64),
+        torch.tensor(MASK), loss_type=loss_type, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, beta=beta,
+        ref_logps=torch.tensor(REF_LOGPS, dtype=torch.float64),
+        importance_weights=torch.tensor(IS_WEIGHTS, dtype=torch.float64) if with_is else None,
+        max_completion_length=MAX_LEN, num_items_in_batch=num_items,
+    )
+    return logps, loss, stats
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, BETA])
+@pytest.mark.parametrize("with_is", [False, True])
+def test_loss_matches_hand_computation(loss_type, beta, with_is):
+    _, loss, stats = run_loss(loss_type, beta, with_is)
+    assert loss.item() == pytest.approx(hand_loss(loss_type, beta, with_is), abs=1e-6)
+    assert ("kl" in stats) == (beta > 0)
+
+
+def test_dapo_normalises_by_the_given_token_count():
+    _, loss, _ = run_loss("dapo", num_items=20.0)
+    assert loss.item() == pytest.approx(hand_loss("dapo", num_items=20.0), abs=1e-6)
+
+
+def test_kl_statistic_is_the_masked_mean_of_k3():
+    _, _, stats = run_loss("grpo", beta=BETA)
+    values = [
+        math.exp(REF_LOGPS[i][t] - LOGPS[i][t]) - (REF_LOGPS[i][t] - LOGPS[i][t]) - 1
+        for i in range(3) for t in range(4) if MASK[i][t]
+    ]
+    assert stats["kl"].item() == pytest.approx(sum(values) / len(values), abs=1e-9)
+
+
+def test_clipped_tokens_get_no_gradient_and_clip_ratios_count_them():
+    logps, loss, stats = run_loss("bnpo")
+    loss.backward()
+    # Row 0 token 1: ratio e^0.4 = 1.49 > 1.28 with A > 0 -> clipped high.
+    # Row 1 token 3 is masked; row 1 token 0: ratio e^-0.2 = 0.82 (inside) ; token 2: e^0.8 with A < 0 -> not clipped.
+    assert logps.grad[0, 1].item() == 0.0
+    assert logps.grad[0, 0].item() != 0.0
+    assert logps.grad[1, 3].item() == 0.0  # masked
+    ratios = [[math.exp(a - b) for a, b in zip(r, o)] for r, o in zip(LOGPS, OLD_LOGPS)]
+    high = [ratios[i][t] > 1 + EPS_HIGH and ADVANTAGES[i] > 0 for i in range(3) for t in range(4) if MASK[i][t]]
+    low = [ratios[i][t] < 1 - EPS_LOW and ADVANTAGES[i] < 0 for i in range(3) for t in range(4) if MASK[i][t]]
+    assert sum(high) >= 1
+    assert stats["clip_ratio/high"].item() == pytest.approx(sum(high) / len(high))
+    assert stats["clip_ratio/low"].item() == pytest.approx(sum(low) / len(low))
+
+
+def test_on_policy_grpo_gradient_is_the_advantage_weighted_score():
+    # With old = logps, ratio = 1 and the gradient w.r.t. each token's logp is -A / (tokens of its row) / B.
+    logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
+    loss, _ = grpo_loss(logps, logps.detach(), torch.tensor(ADVANTAGES, dtype=torch.float64), torch.tensor(MASK),
+                        loss_type="grpo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
+    loss.backward()
+    for i, row_mask in enumerate(MASK):
+        for t, m in enumerate(row_mask):
+            expected = -ADVANTAGES[i] / sum(row_mask) / 3 if m else 0.0
+            assert logps.grad[i, t].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_unknown_loss_type_is_refused():
+    with pytest.raises(ValueError, match="loss_type"):
+        run_loss("ppo")
+
+
+REWARDS = [1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 2.0]
+
+
+def hand_std(values):
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_match_hand_computation(scale):
+    advantages, _ = group_advantages(torch.tensor(REWARDS, dtype=torch.float64), 4, scale)
+    expected = []
+    for group in (REWARDS[:4], REWARDS[4:]):
+        mean = sum(group) / 4
+        for r in group:
+            denominator = {"group": hand_std(group) + 1e-4, "batch": hand_std(REWARDS) + 1e-4, "none": 1.0}[scale]
+            expected.append((r - mean) / denominator)
+    assert advantages.tolist() == pytest.approx(expected, abs=1e-9)
+    # A group whose rewards are all equal has zero advantage whatever the scaling.
+    assert advantages[4:].abs().max().item() == 0.0
+
+
+def test_rewards_receive_columns_and_none_is_skipped_in_the_weighted_sum():
+    seen = {}
+
+    def length_reward(prompts, completions, completion_ids, answer, **kwargs):
+        seen.update(answer=answer, ids=completion_ids, kwargs=sorted(kwargs))
+        return [float(len(c)) for c in completions]
+
+    def picky_reward(completions, **kwargs):
+        return [None if c == "bb" else 1.0 for c in completions]
+
+    per_func = compute_rewards([length_reward, picky_reward], ["p", "q"], ["a", "bb"], [[97], [98, 98]],
+                               {"answer": ["x", "y"]}, trainer_state="state")
+    assert seen == {"answer": ["x", "y"], "ids": [[97], [98, 98]], "kwargs": ["trainer_state"]}
+    assert torch.isnan(per_func[1, 1])
+    total = combine_rewards(per_func, torch.tensor([2.0, 0.5]))
+    assert total.tolist() == [2.0 * 1 + 0.5 * 1, 2.0 * 2]
