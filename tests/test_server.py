@@ -1,0 +1,231 @@
+"""The generation server (tp=1, dp=1) against the offline LLM: generation, chat, bad requests,
+concurrent clients, weight pushes, API key, OpenAI-compatible endpoints."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+from flywheel import GenerationClient, LLM, SamplingParams
+from flywheel.server.launch import free_port, launch_server
+
+API_KEY = "test-key"
+PROMPTS = ["hello there", "The quick brown fox", "1 2 3 4"]
+GREEDY = dict(temperature=0.0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with launch_server(tiny_checkpoints["qwen2"], log_path=log, api_key=API_KEY, kv_cache_memory_gb=0.05) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with GenerationClient(base_url=server.base_url, group_port=free_port(), api_key=API_KEY,
+                          connection_timeout=30, request_timeout=60) as generation_client:
+        yield generation_client
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_checkpoints):
+    return LLM(tiny_checkpoints["qwen2"], kv_cache_memory_gb=0.05)
+
+
+@pytest.fixture(scope="module")
+def offline_b(tiny_checkpoints):
+    return LLM(tiny_checkpoints["qwen2_b"], kv_cache_memory_gb=0.05)
+
+
+def completion_ids(llm: LLM, prompts, **params) -> list[list[int]]:
+    return [c.token_ids for out in llm.generate(prompts, SamplingParams(**params)) for c in out.outputs]
+
+
+def test_greedy_generate_matches_offline_llm(client, offline):
+    out = client.generate(PROMPTS, logprobs=2, **GREEDY)
+
+    reference = offline.generate(PROMPTS, SamplingParams(logprobs=2, **GREEDY))
+    assert out["prompt_ids"] == [r.prompt_token_ids for r in reference]
+    assert out["completion_ids"] == [r.outputs[0].token_ids for r in reference]
+    sampled = [row[0] for tokens in out["logprobs"] for row in tokens]
+    expected = [next(iter(step.values())).logprob for r in reference for step in r.outputs[0].logprobs]
+    assert sampled == pytest.approx(expected, abs=1e-4)
+    assert [ids[0] for ids in out["logprob_token_ids"][0]] == out["completion_ids"][0]
+    assert out["finish_reasons"] == [r.outputs[0].finish_reason for r in reference]
+
+
+def test_token_id_prompts_and_trailing_slash_route(client, offline):
+    prompt_ids = [[104, 105], [50, 51, 52, 53]]
+    response = client.http.post("/generate/", json={"prompts": prompt_ids, "logprobs": None, **GREEDY})
+
+    assert response.status_code == 200
+    assert response.json()["completion_ids"] == completion_ids(offline, prompt_ids, **GREEDY)
+    assert response.json()["logprobs"] is None
+
+
+def test_chat_matches_offline_chat(client, offline):
+    conversations = [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "be brief"},
+                                                             {"role": "user", "content": "why?"}]]
+    out = client.chat(conversations, **GREEDY)
+
+    reference = offline.chat(conversations, SamplingParams(**GREEDY))
+    assert out["completion_ids"] == [r.outputs[0].token_ids for r in reference]
+
+
+def test_n_completions_are_grouped_by_prompt_and_seeded(client):
+    first = client.generate(PROMPTS[:2], n=3, temperature=1.0, max_tokens=8, seed=7)
+    again = client.generate(PROMPTS[:2], n=3, temperature=1.0, max_tokens=8, seed=7)
+
+    assert len(first["completion_ids"]) == 6 and len(first["prompt_ids"]) == 2
+    assert first["completion_ids"] == again["completion_ids"]
+    assert len({tuple(ids) for ids in first["completion_ids"][:3]}) > 1
+
+
+def test_two_clients_at_once_both_get_their_results(server, offline):
+    prompts_by_client = [["alpha beta", "gamma"], ["delta", "epsilon zeta eta"]]
+    results: dict[int, dict] = {}
+
+    def run(index: int) -> None:
+        with GenerationClient(base_url=server.base_url, api_key=API_KEY, connection_timeout=30) as c:
+            results[index] = c.generate(prompts_by_client[index] * 3, **GREEDY)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+
+    for index, prompts in enumerate(prompts_by_client):
+        assert results[index]["completion_ids"] == completion_ids(offline, prompts * 3, **GREEDY)
+
+
+BAD_REQUESTS = [
+    ("/generate", {"prompts": []}, 422, "prompts"),
+    ("/generate", {"prompts": ["x"], "temperature": -1}, 422, "temperature"),
+    ("/generate", {"prompts": ["x"], "max_tokens": 0}, 422, "max_tokens"),
+    ("/generate", {"prompts": ["x"], "top_p": 1.5}, 422, "top_p"),
+    ("/generate", {"prompts": ["x"], "n": 0}, 422, "n"),
+    ("/generate", {"prompts": ["x"], "tempreature": 0.5}, 422, "tempreature"),
+    ("/generate", {"prompts": [[1, 2, 99999]]}, 400, "prompts[0]"),
+    ("/generate", {"prompts": [[]]}, 400, "prompts[0]"),
+    ("/generate", {"prompts": ["x" * 2000]}, 400, "prompts[0]"),
+    ("/generate", {"prompts": ["x"], "generation_kwargs": {"bogus": 1}}, 400, "generation_kwargs.bogus"),
+    ("/generate", {"prompts": ["x"], "generation_kwargs": {"min_tokens": 50}, "max_tokens": 4}, 400, "min_tokens"),
+    ("/generate", {"prompts": ["x"], "guided_decoding_regex": "a+"}, 422, "guided_decoding_regex"),
+    ("/chat", {"messages": [[]]}, 422, "messages"),
+    ("/chat", {"messages": [[{"content": "no role"}]]}, 422, "role"),
+    ("/init_communicator", {"host": "127.0.0.1", "port": 1234, "world_size": 7}, 400, "world_size"),
+    ("/init_communicator", {"host": "127.0.0.1", "port": 1234, "world_size": 2, "backend": "mpi"}, 422, "backend"),
+    ("/batch_update_named_params", {"params": [{"name": "x", "dtype": "int8", "shape": [1]}]}, 422, "dtype"),
+]
+
+
+@pytest.mark.parametrize("path,payload,status,field", BAD_REQUESTS, ids=[f"{b[0]}:{b[3]}" for b in BAD_REQUESTS])
+def test_bad_request_gets_4xx_naming_the_field(client, path, payload, status, field):
+    response = client.http.post(path, json=payload)
+
+    assert response.status_code == status, response.text
+    assert field in response.json()["detail"]
+
+
+def test_server_keeps_serving_after_bad_requests(client, offline):
+    client.http.post("/generate", json={"prompts": [[1, 2, 99999]]})
+    client.http.post("/generate", content=b"{not json")
+
+    assert client.generate(["hello"], **GREEDY)["completion_ids"] == completion_ids(offline, ["hello"], **GREEDY)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.dictionaries(
+    st.sampled_from(["prompts", "n", "temperature", "top_p", "top_k", "max_tokens", "logprobs", "stop", "seed"]),
+    st.one_of(st.none(), st.integers(-5, 40), st.floats(allow_nan=True), st.text(max_size=4),
+              st.lists(st.one_of(st.text(max_size=3), st.lists(st.integers(-3, 300), max_size=3)), max_size=3)),
+))
+def test_fuzzed_generate_requests_never_crash_the_server(client, payload):
+    response = client.http.post("/generate", json=payload if "prompts" in payload else {"prompts": ["a"], **payload},
+                                params=None)
+
+    assert response.status_code in (200, 400, 422), response.text
+    assert client.http.get("/health").status_code == 200
+
+
+def test_api_key_is_required_except_for_health(server):
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+    assert httpx.get(f"{server.base_url}/get_world_size").status_code == 401
+    wrong = httpx.get(f"{server.base_url}/get_world_size", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    with pytest.raises(ValueError, match="401"):
+        GenerationClient(base_url=server.base_url, connection_timeout=10).get_world_size()
+
+
+def test_openapi_documents_every_endpoint(client):
+    paths = client.http.get("/openapi.json").json()["paths"]
+
+    for path in ("/generate", "/chat", "/init_communicator", "/batch_update_named_params", "/v1/completions"):
+        assert path in paths
+    assert client.http.get("/docs").status_code == 200
+
+
+def test_openai_compatible_endpoints(server, offline):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY)
+
+    assert [m.id for m in api.models.list().data] == [server_model(api)]
+    completion = api.completions.create(model=server_model(api), prompt="hello there", max_tokens=12, temperature=0)
+    reference = offline.generate(["hello there"], SamplingParams(**GREEDY))[0].outputs[0]
+    assert completion.choices[0].text == reference.text
+    assert completion.usage.completion_tokens == len(reference.token_ids)
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat = api.chat.completions.create(model=server_model(api), messages=messages, max_tokens=12, temperature=0)
+    stream = api.chat.completions.create(model=server_model(api), messages=messages, max_tokens=12, temperature=0,
+                                         stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert chat.choices[0].message.content == offline.chat(messages, SamplingParams(**GREEDY))[0].outputs[0].text
+    assert streamed == chat.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model="other-model", prompt="x")
+
+
+def server_model(api) -> str:
+    return api.models.list().data[0].id
+
+
+def test_weight_push_makes_outputs_equal_the_other_model(client, tiny_checkpoints, offline, offline_b):
+    model_b = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2_b"], dtype=torch.float32)
+    model_a = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"], dtype=torch.float32)
+    client.init_communicator(device="cpu")
+
+    client.update_model_params(model_b, bucket_bytes=64 * 1024)  # several buckets
+    pushed_b = client.generate(PROMPTS, **GREEDY)["completion_ids"]
+    client.update_model_params(model_a)
+    restored_a = client.generate(PROMPTS, **GREEDY)["completion_ids"]
+
+    assert pushed_b == completion_ids(offline_b, PROMPTS, **GREEDY)
+    assert restored_a == completion_ids(offline, PROMPTS, **GREEDY)
+    assert pushed_b != restored_a
+
+
+def test_bad_weight_updates_are_refused_before_anything_is_applied(client, offline, tiny_checkpoints):
+    if client.group is None:
+        client.init_communicator(device="cpu")
+    embed = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2_b"]).model.embed_tokens.weight.detach()
+
+    with pytest.raises(ValueError, match="no parameter of that name"):
+        client.update_named_params([("model.embed_tokens.weight", embed), ("model.layers.9.mlp.w", embed)])
+    with pytest.raises(ValueError, match="shape"):
+        client.update_named_param("model.embed_tokens.weight", embed[:10])
+    again = client.http.post("/init_communicator", json={"host": "127.0.0.1", "port": 1, "world_size": 2})
+    assert again.status_code == 409 and "already open" in again.json()["detail"]
+
+    assert client.generate(PROMPTS, **GREEDY)["completion_ids"] == completion_ids(offline, PROMPTS, **GREEDY)
+    client.update_named_param("model.embed_tokens.weight", embed)  # one good tensor still goes through
+    assert client.generate(PROMPTS, **GREEDY)["completion_ids"] != completion_ids(offline, PROMPTS, **GREEDY)
+    client.close_communicator()
+    assert client.group is None
+
