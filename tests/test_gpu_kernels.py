@@ -199,7 +199,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", HEAD_SHAPES)
-def test_rotary_embedding_matches_hf_rotate_half(dtype, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("table", ["cos_sin_cache", "cos_and_sin"])
+def test_rotary_embedding_matches_hf_rotate_half(dtype, heads, kv_heads, head_dim, table):
     gen = torch.Generator().manual_seed(heads)
     tokens, max_position = 23, 4096
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
@@ -209,6 +210,8 @@ def test_rotary_embedding_matches_hf_rotate_half(dtype, heads, kv_heads, head_di
     positions = torch.randint(0, max_position, (tokens,), generator=gen).to(DEVICE)
     q_before, k_before = q.double().view(tokens, heads, head_dim), k.double()
     cos_sin = kernels.rope_cos_sin_cache(head_dim, max_position, 1_000_000.0, device=DEVICE)
+    if table == "cos_and_sin":  # separate [max_position, D/2] tables, as layers.RotaryEmbedding keeps them
+        cos_sin = tuple(part.contiguous() for part in cos_sin.chunk(2, dim=-1))
 
     q_out, k_out = kernels.rotary_embedding(positions, q, k, cos_sin, head_dim)
 

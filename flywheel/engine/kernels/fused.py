@@ -58,17 +58,16 @@ def _rotate_heads(x_ptr, token, stride_t, stride_h, num_heads, cos, sin,
 
 @triton.jit
 def _rotary_kernel(
-    positions_ptr, q_ptr, k_ptr, cos_sin_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
+    positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
     num_q_heads, num_k_heads,
     HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     token = tl.program_id(0)
     position = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)
-    row = cos_sin_ptr + position * stride_cs
-    cos = tl.load(row + dims, mask=dims < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(row + HALF + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + position * stride_cos + dims, mask=dims < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + position * stride_sin + dims, mask=dims < HALF, other=0.0).to(tl.float32)
     _rotate_heads(q_ptr, token, stride_qt, stride_qh, num_q_heads, cos, sin, HALF, BLOCK_QH, BLOCK_HALF)
     _rotate_heads(k_ptr, token, stride_kt, stride_kh, num_k_heads, cos, sin, HALF, BLOCK_KH, BLOCK_HALF)
 
@@ -153,18 +152,25 @@ def _as_heads(x: torch.Tensor, head_dim: int, name: str) -> torch.Tensor:
 
 
 def rotary_embedding(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, head_dim: int
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q`` and ``k`` in place, NeoX/HF half-rotation style (``x*cos + rotate_half(x)*sin``).
 
     ``q`` ``[T, heads, D]`` or ``[T, heads*D]``, ``k`` likewise (strided views of a fused qkv output are
-    fine), ``positions`` ``[T]``, ``cos_sin_cache`` ``[max_position, D]`` as from ``rope_cos_sin_cache``.
+    fine), ``positions`` ``[T]``. ``cos_sin_cache`` is ``[max_position, D]`` (cos in the first half, sin
+    in the second, as from ``rope_cos_sin_cache``) or a pair ``(cos, sin)`` of ``[max_position, D/2]``.
     Returns ``(q, k)``.
     """
-    if head_dim % 2 or cos_sin_cache.shape[-1] != head_dim:
+    half = head_dim // 2
+    cos, sin = cos_sin_cache if isinstance(cos_sin_cache, tuple) else cos_sin_cache.split(half, dim=-1)
+    if head_dim % 2 or cos.shape[-1] != half or sin.shape != cos.shape or cos.stride(-1) != 1 or sin.stride(-1) != 1:
         raise ValueError(
-            f"head_dim must be even and match cos_sin_cache's last dimension, got {head_dim} "
-            f"and {cos_sin_cache.shape[-1]}"
+            f"head_dim must be even and the rotary table hold head_dim/2 = {half} contiguous cos and sin "
+            f"values per position, got head_dim {head_dim}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
         )
     q_heads, k_heads = _as_heads(q, head_dim, "q"), _as_heads(k, head_dim, "k")
     if positions.shape != (q_heads.shape[0],) or k_heads.shape[0] != q_heads.shape[0]:
@@ -172,10 +178,9 @@ def rotary_embedding(
             f"positions [T], q and k must agree on T, got {tuple(positions.shape)}, {tuple(q.shape)}, {tuple(k.shape)}"
         )
     if q_heads.shape[0]:
-        half = head_dim // 2
         _rotary_kernel[(q_heads.shape[0],)](
-            positions, q_heads, k_heads, cos_sin_cache,
-            q_heads.stride(0), q_heads.stride(1), k_heads.stride(0), k_heads.stride(1), cos_sin_cache.stride(0),
+            positions, q_heads, k_heads, cos, sin,
+            q_heads.stride(0), q_heads.stride(1), k_heads.stride(0), k_heads.stride(1), cos.stride(0), sin.stride(0),
             q_heads.shape[1], k_heads.shape[1],
             HALF=half, BLOCK_QH=triton.next_power_of_2(q_heads.shape[1]),
             BLOCK_KH=triton.next_power_of_2(k_heads.shape[1]), BLOCK_HALF=triton.next_power_of_2(half),
