@@ -27,3 +27,20 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
         "llama": str(write_tiny_checkpoint(root / "llama", "llama", seed=2, tie_word_embeddings=False)),
         "qwen2_b": str(write_tiny_checkpoint(root / "qwen2_b", "qwen2", seed=3)),
     }
+
+
+@pytest.fixture(scope="session")
+def hf_models(tiny_checkpoints):
+    """transformers models of the tiny checkpoints, float32, for reference outputs."""
+    from transformers import AutoModelForCausalLM
+
+    return {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for name, path in tiny_checkpoints.items()}
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy completion of one prompt, EOS ignored."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(prompt_ids) :].tolist()

@@ -1,0 +1,57 @@
+"""Logprobs of sampled tokens equal transformers' log-softmax over the same sequence (float32)."""
+
+import math
+
+import pytest
+import torch
+
+from flywheel import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoints):
+    return LLM(tiny_checkpoints["qwen3"], dtype="float32")
+
+
+def reference_logprobs(model, prompt: list[int], completion: list[int], temperature: float = 1.0) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1] / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_match_transformers(llm, hf_models, temperature):
+    prompts = [[3, 4, 5, 6], list(range(30, 51))]
+    params = SamplingParams(temperature=temperature, max_tokens=12, logprobs=3, seed=7, ignore_eos=True)
+    for prompt, output in zip(prompts, llm.generate(prompts, params)):
+        completion = output.outputs[0]
+        reference = reference_logprobs(hf_models["qwen3"], prompt, completion.token_ids, temperature)
+        assert len(completion.logprobs) == len(completion.token_ids) == 12
+        for position, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+            first_token, first = next(iter(entry.items()))
+            assert first_token == token
+            assert first.logprob == pytest.approx(reference[position, token].item(), abs=1e-4)
+            assert first.rank == int((reference[position] > reference[position, token]).sum()) + 1
+            top_values, top_ids = reference[position].topk(3)
+            for top_id, value in zip(top_ids.tolist(), top_values.tolist()):
+                assert entry[top_id].logprob == pytest.approx(value, abs=1e-4)
+        assert completion.cumulative_logprob == pytest.approx(
+            sum(next(iter(e.values())).logprob for e in completion.logprobs), abs=1e-4
+        )
+
+
+def test_raw_logprobs_ignore_temperature(llm, hf_models):
+    prompt = [10, 11, 12]
+    params = SamplingParams(temperature=0.5, max_tokens=6, logprobs=0, logprobs_mode="raw", seed=1, ignore_eos=True)
+    completion = llm.generate([prompt], params)[0].outputs[0]
+    reference = reference_logprobs(hf_models["qwen3"], prompt, completion.token_ids, 1.0)
+    for position, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        assert list(entry) == [token]
+        assert entry[token].logprob == pytest.approx(reference[position, token].item(), abs=1e-4)
+
+
+def test_no_logprobs_unless_asked(llm):
+    completion = llm.generate([[1, 2]], SamplingParams(max_tokens=3))[0].outputs[0]
+    assert completion.logprobs is None
+    assert math.isfinite(completion.cumulative_logprob)

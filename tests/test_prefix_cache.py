@@ -1,0 +1,49 @@
+"""Prefix caching and copy-on-write: a prompt's n completions prefill it once; repeats hit the cache."""
+
+from conftest import hf_greedy
+from flywheel import LLM, SamplingParams
+
+PROMPT = list(range(40, 77))  # 37 tokens: two full blocks of 16 and a partial one
+
+
+def test_n_completions_prefill_the_prompt_once(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["qwen2"], dtype="float32")
+    [output] = llm.generate([PROMPT], SamplingParams(n=8, max_tokens=10, seed=3, ignore_eos=True))
+    assert llm.engine.stats.prefill_tokens == len(PROMPT)
+    assert [c.index for c in output.outputs] == list(range(8))
+    assert len({tuple(c.token_ids) for c in output.outputs}) > 1  # independent samples
+    assert all(len(c.token_ids) == 10 for c in output.outputs)
+
+
+def test_shared_blocks_are_copied_before_writing(tiny_checkpoints, hf_models):
+    # Greedy copies of one prompt must all equal transformers: a write into a shared block would
+    # corrupt the others' cache.
+    llm = LLM(tiny_checkpoints["qwen2"], dtype="float32")
+    [output] = llm.generate([PROMPT], SamplingParams(n=4, temperature=0.0, max_tokens=20, ignore_eos=True))
+    expected = hf_greedy(hf_models["qwen2"], PROMPT, 20)
+    assert all(c.token_ids == expected for c in output.outputs)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks
+
+
+def test_repeated_prompt_hits_the_prefix_cache(tiny_checkpoints, hf_models):
+    llm = LLM(tiny_checkpoints["qwen2"], dtype="float32")
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    first = llm.generate([PROMPT], greedy)[0].outputs[0].token_ids
+    prefill_before = llm.engine.stats.prefill_tokens
+    second = llm.generate([PROMPT + [1, 2]], greedy)[0].outputs[0].token_ids
+    assert llm.engine.stats.prefix_cache_hit_tokens == 32  # the two full blocks
+    assert llm.engine.stats.prefill_tokens - prefill_before == len(PROMPT) + 2 - 32
+    assert first == hf_greedy(hf_models["qwen2"], PROMPT, 8)
+    assert second == hf_greedy(hf_models["qwen2"], PROMPT + [1, 2], 8)
+
+    llm.reset_prefix_cache()
+    llm.generate([PROMPT], greedy)
+    assert llm.engine.stats.prefix_cache_hit_tokens == 32
+
+
+def test_prefix_caching_can_be_disabled(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["qwen2"], dtype="float32", enable_prefix_caching=False)
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    llm.generate([PROMPT], greedy)
+    llm.generate([PROMPT], greedy)
+    assert llm.engine.stats.prefix_cache_hit_tokens == 0
