@@ -1,0 +1,101 @@
+"""Live weight updates by Hugging Face name, and clear errors for bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import hf_greedy
+from flywheel import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+PROMPTS = [list(range(60, 93)), [3, 1, 4, 1, 5]]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoints):
+    return LLM(tiny_checkpoints["qwen2"], dtype="float32")
+
+
+def test_load_weights_makes_outputs_equal_the_other_checkpoint(tiny_checkpoints, hf_models):
+    llm = LLM(tiny_checkpoints["qwen2"], dtype="float32")
+    llm.generate(PROMPTS, GREEDY)  # fills the prefix cache with model A's keys and values
+    model_b = hf_models["qwen2_b"]
+    llm.load_weights(model_b.named_parameters())
+    assert not llm.engine.block_manager.hash_to_block_id  # the prefix cache was reset
+    for prompt, output in zip(PROMPTS, llm.generate(PROMPTS, GREEDY)):
+        assert output.outputs[0].token_ids == hf_greedy(model_b, prompt, 16)
+
+
+def test_load_weights_refuses_unknown_names_and_wrong_shapes_whole(llm, hf_models):
+    before = llm.generate(PROMPTS, GREEDY)
+    good = list(hf_models["qwen2_b"].named_parameters())
+    with pytest.raises(ValueError, match="unknown weight 'model.layers.0.mlp.nonexistent.weight'"):
+        llm.load_weights(good + [("model.layers.0.mlp.nonexistent.weight", torch.zeros(3))])
+    with pytest.raises(ValueError, match=r"has shape \(64, 65\), expected \(64, 64\)"):
+        llm.load_weights(good[:-1] + [("model.layers.0.self_attn.o_proj.weight", torch.zeros(64, 65))])
+    after = llm.generate(PROMPTS, GREEDY)  # nothing was applied
+    assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in before]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_tokens=0), "max_tokens must be >= 1"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(n=0), "n must be an integer >= 1"),
+        (dict(top_k=-5), "top_k must be -1"),
+        (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+        (dict(logprobs_mode="softmax"), "logprobs_mode"),
+    ],
+)
+def test_invalid_sampling_params_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_raise(llm):
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        llm.generate([[]], GREEDY)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([[1] * 1024], GREEDY)
+    with pytest.raises(ValueError, match="prompt token ids must be in"):
+        llm.generate([[1, 99999]], GREEDY)
+    with pytest.raises(ValueError, match="non-empty list"):
+        llm.generate([], GREEDY)
+    # The engine still serves after refusing.
+    assert llm.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids
+
+
+def test_unknown_architecture_raises(tiny_checkpoints, tmp_path):
+    folder = tmp_path / "gpt"
+    shutil.copytree(tiny_checkpoints["qwen2"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported model architecture"):
+        LLM(str(folder))
+
+
+def test_bad_engine_options_raise(tiny_checkpoints):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        LLM(tiny_checkpoints["qwen2"], dtype="float8")
+    with pytest.raises(ValueError, match="exceeds the model's context length"):
+        LLM(tiny_checkpoints["qwen2"], max_model_len=10**6)
+    with pytest.raises(ValueError, match="KV cache holds"):
+        LLM(tiny_checkpoints["qwen2"], num_kv_blocks=2, max_model_len=512)
+
+
+def test_sleep_releases_the_cache_and_wake_up_restores_it(llm):
+    expected = llm.generate(PROMPTS, GREEDY)
+    llm.sleep()
+    assert llm.engine.runner.kv_caches == []
+    with pytest.raises(RuntimeError, match="wake_up"):
+        llm.generate(PROMPTS, GREEDY)
+    llm.wake_up()
+    got = llm.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
