@@ -128,7 +128,8 @@ class TransformersRollout(Rollout):
     def _generate_chunk(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[bool]]:
         input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id, self.device)
         s = self.settings
-        sampling = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else None,
+        # top_k=0 spelled out: left unset, `generate` would apply the generation config's default of 50.
+        sampling = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0),
                         min_p=s.min_p or None, repetition_penalty=s.repetition_penalty)
         output = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=s.max_tokens,
