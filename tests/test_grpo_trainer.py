@@ -1,0 +1,132 @@
+"""GRPOTrainer with transformers `generate` (use_vllm=False): it learns, and its inputs reach the rewards."""
+
+import pytest
+import torch
+from datasets import Dataset
+
+from flywheel import GRPOConfig, GRPOTrainer
+
+LOWERCASE = set(range(ord("a"), ord("z") + 1))
+
+
+def lowercase_fraction(completion_ids, **kwargs):
+    """The share of lowercase ASCII letters among the completion's tokens (bytes)."""
+    return [sum(token in LOWERCASE for token in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def learning_args(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_generations=8,
+        max_completion_length=10, learning_rate=1e-2, max_steps=12, logging_steps=1, report_to="none",
+        save_strategy="no", disable_tqdm=True, seed=0,
+    )
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+def rewards_by_step(trainer):
+    return [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+
+
+def assert_reward_rises(rewards, margin=0.25):
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + margin, f"reward did not rise: {[round(r, 3) for r in rewards]}"
+
+
+def test_reward_rises_with_transformers_generate(tiny_checkpoints, tmp_path):
+    torch.manual_seed(0)
+    dataset = Dataset.from_dict({"prompt": ["Say:"] * 256})
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction,
+                          args=learning_args(tmp_path), train_dataset=dataset)
+    trainer.train()
+    rewards = rewards_by_step(trainer)
+    assert len(rewards) == 12
+    assert_reward_rises(rewards)
+    last = trainer.state.log_history[-2]
+    for key in ("reward_std", "rewards/lowercase_fraction/mean", "completions/mean_length", "completions/min_length",
+                "completions/max_length", "completions/clipped_ratio", "entropy", "clip_ratio/region_mean",
+                "time/generation", "time/reward", "time/train", "time/weight_sync"):
+        assert key in last, key
+    assert 1 <= last["completions/min_length"] <= last["completions/mean_length"] <= last["completions/max_length"] <= 10
+
+
+def test_conversational_prompts_columns_none_rewards_and_a_reward_model(tiny_checkpoints, tmp_path):
+    seen = {}
+
+    def echo_target(prompts, completions, completion_ids, target, **kwargs):
+        seen["prompt"], seen["completion"], seen["target"] = prompts[0], completions[0], target
+        seen["ids"] = completion_ids[0]
+        # Abstain on every other completion: those rows count only the other functions.
+        return [None if i % 2 else 1.0 for i in range(len(completions))]
+
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(8)]
+    dataset = Dataset.from_dict({"prompt": prompts, "target": [f"t{i}" for i in range(8)]})
+    args = learning_args(tmp_path, per_device_train_batch_size=8, num_generations=4, max_steps=2, beta=0.1,
+                         loss_type="grpo", reward_weights=[1.0, 0.5], max_prompt_length=12)
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=[echo_target, tiny_checkpoints["qwen2_b"]],
+                          args=args, train_dataset=dataset)
+    trainer.train()
+
+    assert isinstance(seen["prompt"], list) and seen["prompt"][0]["role"] == "user"
+    assert seen["completion"][0]["role"] == "assistant"
+    assert trainer.processing_class.decode(seen["ids"], skip_special_tokens=True) == seen["completion"][0]["content"]
+    assert len(seen["target"]) == 8 and all(t.startswith("t") for t in seen["target"])
+    logged = trainer.state.log_history[-2]
+    assert logged["rewards/echo_target/mean"] == 1.0  # the None rewards were skipped, not averaged in as 0
+    assert "rewards/qwen2_b/mean" in logged
+    assert logged["kl"] >= 0.0
+
+
+def test_model_object_and_its_tokenizer_are_accepted(tiny_checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["qwen2"])
+    args = learning_args(tmp_path, per_device_train_batch_size=4, num_generations=4, max_steps=1,
+                         gradient_accumulation_steps=2, num_iterations=2)
+    dataset = Dataset.from_dict({"prompt": ["a", "b", "c", "d"]})
+    trainer = GRPOTrainer(model=model, reward_funcs=lowercase_fraction, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    assert trainer.needs_old_logps  # num_iterations > 1 trains off-policy after the first update
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(per_device_train_batch_size=6, num_generations=4), "divisible by num_generations"),
+        (dict(num_generations=1), "num_generations must be >= 2"),
+        (dict(loss_type="ppo"), "loss_type"),
+        (dict(scale_rewards="std"), "scale_rewards"),
+        (dict(vllm_mode="remote"), "vllm_mode"),
+        (dict(generation_batch_size=16, steps_per_generation=2), "not both"),
+        (dict(generation_batch_size=12), "multiple of per_device_train_batch_size"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(beta=-0.1), "beta"),
+    ],
+)
+def test_invalid_configs_fail_at_construction(tmp_path, overrides, message):
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none")
+    settings.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        GRPOConfig(**settings)
+
+
+def test_config_resolves_generation_batch_and_keeps_trl_names(tmp_path):
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                      num_generations=8, scale_rewards=False, report_to="none")
+    assert (args.steps_per_generation, args.generation_batch_size) == (4, 16)
+    assert args.scale_rewards == "none" and args.epsilon_high == args.epsilon
+    assert args.remove_unused_columns is False
+    from dataclasses import fields
+
+    helps = {f.name: f.metadata.get("help") for f in fields(GRPOConfig)}
+    for name in ("num_generations", "generation_batch_size", "steps_per_generation", "max_prompt_length",
+                 "max_completion_length", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                 "generation_kwargs", "use_vllm", "vllm_mode", "vllm_server_base_url", "vllm_server_host",
+                 "vllm_server_port", "vllm_server_timeout", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
+                 "vllm_importance_sampling_correction", "vllm_importance_sampling_cap", "beta", "num_iterations",
+                 "epsilon", "epsilon_high", "loss_type", "scale_rewards", "reward_weights",
+                 "mask_truncated_completions", "log_completions"):
+        assert helps.get(name), name
