@@ -75,12 +75,13 @@ def decode_attention(
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """``q`` ``[B, Lq, H, D]``, ``k``/``v`` ``[B, Lk, KVH, D]`` → ``[B, Lq, H, D]`` (GQA by repeat)."""
-    group = q.shape[2] // k.shape[2]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=2)
-        v = v.repeat_interleave(group, dim=2)
+    """``q`` ``[B, Lq, H, D]``, ``k``/``v`` ``[B, Lk, KVH, D]`` → ``[B, Lq, H, D]``."""
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), attn_mask=mask, scale=scale
+        q.transpose(1, 2),
+        k.transpose(1, 2).to(q.dtype),
+        v.transpose(1, 2).to(q.dtype),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)

@@ -39,6 +39,10 @@ class EngineConfig:
     )
     tensor_parallel_size: int = field(default=1, metadata={"help": "Processes (GPUs) the model is sharded over."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampler for requests that give no seed."})
+    load_format: str = field(
+        default="safetensors",
+        metadata={"help": "safetensors (the checkpoint's weights) or dummy (random weights of the right shapes, for benchmarks)."},
+    )
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -53,6 +57,8 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
 

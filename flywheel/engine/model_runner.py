@@ -74,11 +74,22 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous_dtype)
         self.model.requires_grad_(False)
-        self.model.load_weights(checkpoint_weights(config.model))
+        if config.load_format == "dummy":
+            self._randomize_weights()
+        else:
+            self.model.load_weights(checkpoint_weights(config.model))
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+
+    def _randomize_weights(self) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed + self.tp.rank)
+        for name, param in self.model.named_parameters():
+            if "norm" in name:
+                param.data.fill_(1.0)
+            else:
+                param.data.uniform_(-0.05, 0.05, generator=generator)
 
     @property
     def tp_rank(self) -> int:

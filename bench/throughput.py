@@ -1,0 +1,179 @@
+"""Generation throughput of the engine against transformers `generate`, in one run.
+
+    python bench/throughput.py --workload cpu-rollout --shape tiny --device cpu
+    python bench/throughput.py --workload rollout --shape qwen2.5-0.5b --device cuda --out $OUT/rollout.json
+
+Random weights (EOS ignored, so every sequence runs its full length). Prints a table last and
+writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+from shapes import SHAPES, WORKLOADS, model_config, model_folder
+from transformers import AutoModelForCausalLM
+
+from flywheel import LLM, SamplingParams
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_engine(args, folder: str, requests) -> dict:
+    workload = WORKLOADS[args.workload]
+    options = dict(dtype=args.dtype, device=args.device, load_format="dummy", enforce_eager=args.enforce_eager,
+                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    if args.kv_cache_gb:
+        options["kv_cache_memory_gb"] = args.kv_cache_gb
+    started = time.perf_counter()
+    llm = LLM(folder, **options)
+    startup = time.perf_counter() - started
+    params = [
+        SamplingParams(n=workload.n, temperature=workload.temperature, top_p=1.0, max_tokens=tokens, ignore_eos=True)
+        for _, tokens in requests
+    ]
+    prompts = [prompt for prompt, _ in requests]
+    llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2)  # warm-up
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(args.device)
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    synchronize(args.device)
+    elapsed = time.perf_counter() - started
+    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    result = {
+        "tokens": generated,
+        "seconds": elapsed,
+        "tokens_per_s": generated / elapsed,
+        "startup_s": startup,
+        "preemptions": llm.engine.stats.preemptions,
+        "kv_blocks": llm.engine.num_blocks,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
+    }
+    llm.shutdown()
+    del llm
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_transformers(args, requests) -> dict:
+    workload = WORKLOADS[args.workload]
+    dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_config(model_config(args.shape), dtype=dtype).to(args.device).eval()
+    if len({len(p) for p, _ in requests}) != 1 or len({t for _, t in requests}) != 1:
+        raise SystemExit("the transformers baseline needs equal prompt and completion lengths")
+    max_new = requests[0][1]
+    prompts = torch.tensor([p for p, _ in requests], device=args.device)
+    per_batch = max(1, args.hf_batch // workload.n)
+    generated = 0
+
+    def one_pass(limit: int | None = None):
+        nonlocal generated
+        for start in range(0, len(prompts), per_batch):
+            chunk = prompts[start : start + per_batch]
+            out = model.generate(
+                chunk, attention_mask=torch.ones_like(chunk), do_sample=True, temperature=workload.temperature,
+                top_p=1.0, top_k=0, max_new_tokens=limit or max_new, min_new_tokens=limit or max_new,
+                num_return_sequences=workload.n, pad_token_id=0,
+            )
+            generated += out[:, chunk.shape[1]:].numel()
+
+    with torch.no_grad():
+        one_pass(limit=4)
+        generated = 0
+        synchronize(args.device)
+        started = time.perf_counter()
+        one_pass()
+        synchronize(args.device)
+    elapsed = time.perf_counter() - started
+    del model
+    gc.collect()
+    return {"tokens": generated, "seconds": elapsed, "tokens_per_s": generated / elapsed}
+
+
+def copy_bandwidth(device: str) -> float | None:
+    """Device-to-device copy, bytes read + written per second."""
+    if not device.startswith("cuda"):
+        return None
+    source = torch.randn(256 * 2**20, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(20):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    return 2 * source.numel() * 4 * 20 / (time.perf_counter() - started)
+
+
+def floor_tokens_per_s(args, requests, bandwidth: float | None) -> float | None:
+    """Tokens/s if each decode step only read the weights and the KV cache once, at copy bandwidth."""
+    if bandwidth is None:
+        return None
+    config = model_config(args.shape)
+    element = 2 if args.dtype in ("auto", "bfloat16", "float16") else 4
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    batch = sum(WORKLOADS[args.workload].n for _ in requests)
+    mean_context = sum(len(p) + t / 2 for p, t in requests) / len(requests)
+    kv_bytes = batch * mean_context * 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+    step_seconds = (params * element + kv_bytes) / bandwidth
+    return batch / step_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="cpu-rollout")
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--hf-batch", type=int, default=512, help="sequences per transformers generate call")
+    parser.add_argument("--skip-hf", action="store_true", help="engine only")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kv-cache-gb", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    parser.add_argument("--out", default=None, help="write the JSON result here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = model_folder(args.shape)
+    requests = WORKLOADS[args.workload].requests(model_config(args.shape).vocab_size)
+    engine = run_engine(args, folder, requests)
+    baseline = None if args.skip_hf else run_transformers(args, requests)
+    bandwidth = copy_bandwidth(args.device)
+    floor = floor_tokens_per_s(args, requests, bandwidth)
+    result = {
+        "workload": args.workload, "shape": args.shape, "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "threads": torch.get_num_threads(), "dtype": args.dtype, "engine": engine, "transformers": baseline,
+        "ratio": engine["tokens_per_s"] / baseline["tokens_per_s"] if baseline else None,
+        "copy_bandwidth_gbs": bandwidth / 1e9 if bandwidth else None,
+        "floor_tokens_per_s": floor,
+        "fraction_of_floor": engine["tokens_per_s"] / floor if floor else None,
+    }
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
+    print(f"\n{'workload':<12} {'shape':<14} {'engine tok/s':>13} {'hf tok/s':>10} {'ratio':>7} {'of floor':>9} {'peak GiB':>9} {'preempt':>8}")
+    print(
+        f"{args.workload:<12} {args.shape:<14} {engine['tokens_per_s']:>13,.0f} "
+        f"{baseline['tokens_per_s'] if baseline else float('nan'):>10,.0f} {result['ratio'] or float('nan'):>7.2f} "
+        f"{result['fraction_of_floor'] or float('nan'):>9.3f} {engine['peak_gib'] or float('nan'):>9.2f} {engine['preemptions']:>8}"
+    )
+
+
+if __name__ == "__main__":
+    main()
