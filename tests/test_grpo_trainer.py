@@ -6,12 +6,9 @@ from datasets import Dataset
 
 from flywheel import GRPOConfig, GRPOTrainer
 
-LOWERCASE = set(range(ord("a"), ord("z") + 1))
+from flywheel.trainer.rewards import char_fraction_reward
 
-
-def lowercase_fraction(completion_ids, **kwargs):
-    """The share of lowercase ASCII letters among the completion's tokens (bytes)."""
-    return [sum(token in LOWERCASE for token in ids) / max(len(ids), 1) for ids in completion_ids]
+lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lowercase_fraction")
 
 
 def learning_args(tmp_path, **overrides):

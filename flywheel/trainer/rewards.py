@@ -67,6 +67,18 @@ class RewardModelScorer:
         return scores
 
 
+def char_fraction_reward(chars: str, name: str | None = None) -> RewardFunc:
+    """A reward function: the fraction of a completion's characters that are in `chars` (a toy task to learn)."""
+    wanted = set(chars)
+
+    def reward(completions: Sequence[Any], **_: Any) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [sum(ch in wanted for ch in text) / max(len(text), 1) for text in texts]
+
+    reward.__name__ = name or "char_fraction"
+    return reward
+
+
 def load_reward_funcs(
     reward_funcs: RewardFunc | str | PreTrainedModel | Sequence[RewardFunc | str | PreTrainedModel],
     processing_classes: PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase | None] | None = None,

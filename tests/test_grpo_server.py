@@ -1,0 +1,77 @@
+"""GRPOTrainer against a real `flywheel serve` subprocess: it learns, and the server gets the trained weights."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from datasets import Dataset
+
+from flywheel import GRPOConfig, GRPOTrainer
+from flywheel.trainer.rewards import char_fraction_reward
+
+lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lowercase_fraction")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model_path: str, log_path) -> tuple[subprocess.Popen, int]:
+    """`python -m flywheel serve` on a free port; returns once /health answers."""
+    port = free_port()
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flywheel", "serve", "--model", model_path, "--port", str(port),
+         "--kv_cache_memory_gb", "0.05", "--log_level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {open(log_path).read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                return process, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.terminate()
+    raise RuntimeError(f"server did not become healthy: {open(log_path).read()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, tmp_path_factory):
+    process, port = start_server(tiny_checkpoints["qwen2"], tmp_path_factory.mktemp("server") / "server.log")
+    yield port
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_reward_rises_and_server_gets_the_trained_weights(tiny_checkpoints, server, tmp_path):
+    from test_grpo_engine import check_engine_has_trained_weights
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_generations=8,
+        max_completion_length=10, learning_rate=1e-2, max_steps=12, logging_steps=1, report_to="none",
+        save_strategy="no", disable_tqdm=True, seed=0, use_vllm=True, vllm_mode="server",
+        vllm_server_host="127.0.0.1", vllm_server_port=server, vllm_group_port=free_port(),
+    )
+    dataset = Dataset.from_dict({"prompt": ["Say:"] * 256})
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction, args=args,
+                          train_dataset=dataset)
+    try:
+        trainer.train()
+        rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+        first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+        assert last > first + 0.25, f"reward did not rise: {[round(r, 3) for r in rewards]}"
+        logged = trainer.state.log_history[-2]
+        assert logged["sampling/sampling_logp_difference/mean"] < 1e-3  # weights reached the server every step
+        assert logged["time/weight_sync"] > 0
+        check_engine_has_trained_weights(trainer, tiny_checkpoints["qwen2"])
+    finally:
+        trainer.rollout.close()
