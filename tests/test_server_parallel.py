@@ -3,6 +3,10 @@ offline LLM, and a weight push reaches every rank of every engine."""
 
 from __future__ import annotations
 
+import signal
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -15,13 +19,18 @@ GREEDY = dict(temperature=0.0, max_tokens=10)
 
 
 @pytest.fixture(scope="module", params=[(1, 2), (2, 1)], ids=["tp1-dp2", "tp2-dp1"])
-def client(request, tiny_checkpoints, tmp_path_factory):
+def server(request, tiny_checkpoints, tmp_path_factory):
     tp, dp = request.param
     log = tmp_path_factory.mktemp("server") / "server.log"
     with launch_server(tiny_checkpoints["qwen2"], log_path=log, tensor_parallel_size=tp, data_parallel_size=dp,
-                       kv_cache_memory_gb=0.05) as server:
-        with GenerationClient(base_url=server.base_url, group_port=free_port(), connection_timeout=30) as c:
-            yield c
+                       kv_cache_memory_gb=0.05) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with GenerationClient(base_url=server.base_url, group_port=free_port(), connection_timeout=30) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +61,33 @@ def test_pushed_weights_reach_every_rank(client, references, tiny_checkpoints):
     client.close_communicator()
 
     assert pushed == references["qwen2_b"]
+
+
+def descendants(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    direct = [int(p) for p in path.read_text().split()] if path.exists() else []
+    return direct + [grandchild for child in direct for grandchild in descendants(child)]
+
+
+def test_sigterm_stops_the_server_its_engines_and_their_ranks(server, client):
+    client.close()
+    processes = descendants(server.process.pid)
+    assert len(processes) >= 2  # the engine workers (dp=2) or the engine and its second rank (tp=2)
+
+    start = time.monotonic()
+    code = server.stop()
+
+    assert code in (0, -signal.SIGTERM), server.log_tail()
+    assert time.monotonic() - start < 20
+    deadline = time.monotonic() + 5  # the multiprocessing resource tracker leaves just after its parent
+    while any(alive(pid) for pid in processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [(pid, Path(f"/proc/{pid}/cmdline").read_bytes()[:120]) for pid in processes if alive(pid)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent (gone) would have reaped it

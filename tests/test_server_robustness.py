@@ -1,5 +1,5 @@
-"""Serving safely: request timeouts and client disconnects abort work, a dead engine gives 503,
-SIGTERM shuts everything down cleanly."""
+"""Serving safely: request timeouts and client disconnects abort work, a dead engine gives 503.
+(SIGTERM shutdown is shown in test_server_parallel.py.)"""
 
 from __future__ import annotations
 
@@ -36,11 +36,9 @@ def engine_workers(pid: int) -> list[int]:
             if "resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")]
 
 
-def short_generation_seconds(base_url: str) -> float:
-    start = time.monotonic()
-    response = httpx.post(f"{base_url}/generate", json={"prompts": ["hi"], "max_tokens": 4}, timeout=30)
-    assert response.status_code == 200, response.text
-    return time.monotonic() - start
+def engines_idle(base_url: str) -> bool:
+    engines = httpx.get(f"{base_url}/stats", timeout=30).json()["engines"]
+    return not any(engine["busy"] for engine in engines)
 
 
 def test_request_over_the_timeout_gets_504_and_is_aborted(server):
@@ -48,15 +46,19 @@ def test_request_over_the_timeout_gets_504_and_is_aborted(server):
 
     assert response.status_code == 504
     assert "request_timeout" in response.json()["detail"]
-    assert short_generation_seconds(server.base_url) < 1.0  # the aborted sequences no longer run
+    assert engines_idle(server.base_url)
 
 
 def test_client_that_disconnects_has_its_work_aborted(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.base_url}/generate", json={**LONG, "prompts": ["y"] * 16}, timeout=0.3)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 5  # the server notices the disconnect within its poll interval
+    while not engines_idle(server.base_url) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
-    assert short_generation_seconds(server.base_url) < 1.0
+    assert engines_idle(server.base_url)
+    response = httpx.post(f"{server.base_url}/generate", json={"prompts": ["hi"], "max_tokens": 4}, timeout=30)
+    assert response.status_code == 200
 
 
 def test_dead_engine_worker_gives_503_with_a_reason(server):
@@ -71,16 +73,3 @@ def test_dead_engine_worker_gives_503_with_a_reason(server):
     with pytest.raises(ConnectionError, match="not healthy"):
         GenerationClient(base_url=server.base_url, connection_timeout=1)
 
-
-def test_sigterm_stops_the_server_and_its_workers(tiny_checkpoints, tmp_path):
-    server = ServerProcess(tiny_checkpoints["qwen2"], log_path=tmp_path / "log", data_parallel_size=2,
-                           kv_cache_memory_gb=0.05).wait_ready()
-    workers = engine_workers(server.process.pid)
-    assert len(workers) == 2
-
-    start = time.monotonic()
-    code = server.stop()
-
-    assert code == 0, server.log_tail()
-    assert time.monotonic() - start < 15
-    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)

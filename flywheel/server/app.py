@@ -6,7 +6,8 @@ import asyncio
 import dataclasses
 import logging
 import secrets
-from typing import Any, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
@@ -125,6 +126,8 @@ class ServerState:
         finally:
             if not task.done():
                 task.cancel()
+                # Let the cancellation run (it sends the aborts) before the response goes out.
+                await asyncio.wait({task})
 
 
 def generate_response(outputs: list[dict[str, Any]], with_logprobs: bool) -> GenerateResponse:
@@ -150,7 +153,13 @@ def encode_conversation(tokenizer, conversation: list[dict[str, Any]], template_
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="flywheel generation server",
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Here rather than after uvicorn returns: uvicorn re-raises SIGTERM once it has shut down.
+        await asyncio.to_thread(state.pool.shutdown)
+
+    app = FastAPI(title="flywheel generation server", lifespan=lifespan,
                   description="TRL-style generation and weight-sync endpoints, and OpenAI-compatible ones.")
     app.state.server = state
     guarded = [Depends(api_key_guard(state.options.api_key))]
@@ -262,6 +271,10 @@ def create_app(state: ServerState) -> FastAPI:
         """Announce tensors; they then arrive as flat buckets broadcast from the client's rank."""
         return start_update(body.params, body.bucket_bytes)
 
+    async def stats() -> dict:
+        """Per engine: whether it is generating, and its counters (tokens, prefix-cache hits, preemptions)."""
+        return {"engines": await state.pool.call_all("stats")}
+
     async def reset_prefix_cache() -> dict:
         await state.pool.call_all("reset_prefix_cache")
         return {}
@@ -272,6 +285,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {}
 
     route("GET", "/get_world_size", get_world_size)
+    route("GET", "/stats", stats)
     route("POST", "/generate", generate)
     route("POST", "/chat", chat)
     route("POST", "/init_communicator", init_communicator)

@@ -9,6 +9,7 @@ therefore share the engine's batches (continuous batching across requests).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import multiprocessing as mp
@@ -114,14 +115,15 @@ def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
     engine = llm.engine
     parent = os.getppid()
     while True:
+        if os.getppid() != parent:
+            logger.warning("the server process is gone; exiting")
+            return
         messages = []
         if not engine.has_unfinished_requests():
             try:
                 messages.append(inbox.get(timeout=_IDLE_POLL_S))
             except queue.Empty:
-                if os.getppid() != parent:
-                    logger.warning("the server process is gone; exiting")
-                    return
+                pass
         while True:
             try:
                 messages.append(inbox.get_nowait())
@@ -191,6 +193,10 @@ def _call_update_weights(dp_rank, options, llm, buckets):
         raise RuntimeError("; ".join(errors))
 
 
+def _call_stats(dp_rank, options, llm):
+    return {"busy": llm.engine.has_unfinished_requests(), **dataclasses.asdict(llm.engine.stats)}
+
+
 def _call_reset_prefix_cache(dp_rank, options, llm):
     llm.reset_prefix_cache()
 
@@ -213,6 +219,7 @@ _CALLS = {
     "reset_prefix_cache": _call_reset_prefix_cache,
     "close_communicator": _call_close_communicator,
     "device_uuids": _call_device_uuids,
+    "stats": _call_stats,
 }
 
 
@@ -338,7 +345,8 @@ class WorkerPool:
         try:
             return list(await asyncio.gather(*(future for _, future in futures)))
         except BaseException:
-            self.abort([request_id for request_id, future in futures if not future.done()])
+            # gather() has cancelled the futures by now: abort every request that has no result.
+            self.abort([request_id for request_id, future in futures if future.cancelled() or not future.done()])
             raise
         finally:
             with self._lock:
