@@ -196,6 +196,14 @@ def server_model(api) -> str:
     return api.models.list().data[0].id
 
 
+def test_weight_update_before_init_communicator_says_what_to_do(client):
+    with pytest.raises(RuntimeError, match="init_communicator"):
+        client.update_named_param("model.norm.weight", torch.ones(64))
+    response = client.http.post("/batch_update_named_params",
+                                json={"params": [{"name": "model.norm.weight", "dtype": "float32", "shape": [64]}]})
+    assert response.status_code == 409 and "init_communicator" in response.json()["detail"]
+
+
 def test_weight_push_makes_outputs_equal_the_other_model(client, tiny_checkpoints, offline, offline_b):
     model_b = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2_b"], dtype=torch.float32)
     model_a = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"], dtype=torch.float32)

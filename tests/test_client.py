@@ -1,0 +1,24 @@
+"""GenerationClient without a server: it fails fast and says what to do."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from flywheel import GenerationClient
+from flywheel.server.launch import free_port
+
+
+def test_no_server_raises_connection_error_after_the_timeout():
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="flywheel serve"):
+        GenerationClient(server_port=free_port(), connection_timeout=1.0)
+
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("base_url", ["localhost:8000", "ftp://host:1", "http://"])
+def test_malformed_base_url_is_refused(base_url):
+    with pytest.raises(ValueError, match="base_url"):
+        GenerationClient(base_url=base_url, connection_timeout=0.1)

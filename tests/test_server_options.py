@@ -1,0 +1,50 @@
+"""`flywheel serve` options: both spellings, defaults that are safe, errors that say what to fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from flywheel.cli import main as flywheel_main
+from flywheel.server.options import parse_options
+
+
+def test_underscore_and_dash_spellings_parse_the_same():
+    dashes = parse_options(["--model", "m", "--tensor-parallel-size", "2", "--data-parallel-size", "3",
+                            "--gpu-memory-utilization", "0.5", "--max-model-len", "512", "--enforce-eager"])
+    underscores = parse_options(["--model", "m", "--tensor_parallel_size", "2", "--data_parallel_size", "3",
+                                 "--gpu_memory_utilization", "0.5", "--max_model_len", "512", "--enforce_eager"])
+
+    assert dashes == underscores
+    assert (dashes.tensor_parallel_size, dashes.data_parallel_size, dashes.world_size) == (2, 3, 6)
+    assert dashes.enforce_eager and dashes.max_model_len == 512
+
+
+def test_defaults_listen_on_localhost_and_take_the_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_API_KEY", "from-env")
+    options = parse_options(["--model", "m"])
+
+    assert (options.host, options.port, options.api_key) == ("127.0.0.1", 8000, "from-env")
+    assert parse_options(["--model", "m", "--api-key", "flag"]).api_key == "flag"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tensor_parallel_size", "0"], "tensor_parallel_size must be >= 1"),
+    (["--gpu_memory_utilization", "1.5"], "gpu_memory_utilization"),
+    (["--dtype", "int8"], "dtype must be"),
+    (["--log_level", "loud"], "log_level"),
+])
+def test_bad_options_say_what_to_fix(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_options(["--model", "m", *argv])
+
+
+@pytest.mark.parametrize("command", ["serve", "vllm-serve"])
+def test_help_lists_the_options_with_their_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        flywheel_main([command, "--help"])
+
+    help_text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for option in ("--tensor_parallel_size", "--data_parallel_size", "--enable_prefix_caching", "--api_key"):
+        assert option in help_text
+    assert "Processes (GPUs) per engine" in help_text

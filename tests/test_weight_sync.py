@@ -1,0 +1,129 @@
+"""Weight-sync building blocks: bucket plans, flat packing, spec checks, and a real Gloo group
+between an engine-side rank (the functions collective_rpc runs) and the client."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flywheel import weight_sync
+from flywheel.server.launch import free_port
+from flywheel.weight_sync import (
+    ParamSpec,
+    WeightSyncGroup,
+    flatten_bucket,
+    plan_buckets,
+    send_buckets,
+    unflatten_bucket,
+    validate_specs,
+)
+
+
+def named_tensors() -> list[tuple[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        ("a", torch.randn(3, 5, generator=generator)),
+        ("b", torch.randn(7, generator=generator).to(torch.bfloat16)),
+        ("c", torch.randn(2, 3, generator=generator).to(torch.float16)),
+        ("d", torch.randn(40, 10, generator=generator)),
+    ]
+
+
+def specs_of(tensors) -> list[ParamSpec]:
+    return [ParamSpec(name, weight_sync.dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors]
+
+
+def test_buckets_keep_order_respect_the_size_and_give_big_tensors_their_own():
+    buckets = plan_buckets(specs_of(named_tensors()), bucket_bytes=128)
+
+    assert [s.name for b in buckets for s in b.specs] == ["a", "b", "c", "d"]
+    assert [[s.name for s in b.specs] for b in buckets] == [["a", "b", "c"], ["d"]]
+    assert all(offset % 16 == 0 for b in buckets for offset in b.offsets)
+    assert buckets[1].nbytes == 40 * 10 * 4
+
+
+def test_flatten_then_unflatten_gives_back_every_tensor_bit_for_bit():
+    tensors = named_tensors()
+    (bucket,) = plan_buckets(specs_of(tensors))
+
+    restored = unflatten_bucket(bucket, flatten_bucket(bucket, [t for _, t in tensors], "cpu"))
+
+    for (name, original), (restored_name, copy) in zip(tensors, restored):
+        assert restored_name == name and copy.dtype == original.dtype
+        assert torch.equal(copy, original)
+
+
+@pytest.mark.parametrize("spec,message", [
+    (ParamSpec("model.nope", "float32", (4,)), "no parameter of that name"),
+    (ParamSpec("v", "float32", (4, 3)), "does not match"),
+    (ParamSpec("v", "int8", (3, 4)), "dtype must be one of"),
+])
+def test_specs_the_model_cannot_take_are_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        validate_specs([ParamSpec("w", "float32", (3, 4)), spec], {"w": (3, 4), "v": (3, 4)})
+
+
+def test_a_name_twice_in_one_update_is_refused():
+    with pytest.raises(ValueError, match="twice"):
+        validate_specs([ParamSpec("w", "float32", (2,))] * 2, {"w": (2,)})
+
+
+class RecordingModel(torch.nn.Module):
+    """Stands in for the engine model: records what load_weights receives, or fails on demand."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.loaded: dict[str, torch.Tensor] = {}
+        self.fail = fail
+
+    def load_weights(self, weights) -> None:
+        if self.fail:
+            raise ValueError("cannot load")
+        self.loaded.update({name: tensor.clone() for name, tensor in weights})
+
+
+def run_update(model: RecordingModel, tensors, bucket_bytes: int) -> None:
+    """One engine rank (rank 0) and the client (rank 1) in two threads of this process."""
+    port = free_port()
+    runner = SimpleNamespace(tp_rank=0, device="cpu", model=model)
+    weight_sync.rpc_start_join(runner, "127.0.0.1", port, 2, 0, "gloo", 30.0)
+    client = WeightSyncGroup("127.0.0.1", port, 1, 2, "gloo", torch.device("cpu"), 30.0)
+    weight_sync.rpc_finish_join(runner, 30.0)
+    buckets = plan_buckets(specs_of(tensors), bucket_bytes)
+
+    def engine_side() -> None:
+        error = weight_sync.rpc_receive_and_load(runner, buckets)
+        weight_sync.rpc_report(runner, error is not None)
+
+    engine = threading.Thread(target=engine_side)
+    engine.start()
+    try:
+        send_buckets(client, tensors, bucket_bytes)
+    finally:
+        engine.join(30)
+        weight_sync.rpc_close(runner)
+        client.close()
+
+
+def test_tensors_broadcast_in_buckets_arrive_intact():
+    tensors = named_tensors()
+    model = RecordingModel()
+
+    run_update(model, tensors, bucket_bytes=100)
+
+    assert list(model.loaded) == [name for name, _ in tensors]
+    for name, tensor in tensors:
+        assert torch.equal(model.loaded[name], tensor)
+
+
+def test_a_rank_that_fails_to_load_is_reported_to_the_client():
+    with pytest.raises(RuntimeError, match="failed to load"):
+        run_update(RecordingModel(fail=True), named_tensors(), bucket_bytes=100)
+
+
+def test_joining_a_rendezvous_nobody_hosts_times_out_with_advice():
+    with pytest.raises(RuntimeError, match="reach the rendezvous"):
+        WeightSyncGroup("127.0.0.1", free_port(), 1, 2, "gloo", torch.device("cpu"), timeout_s=1.0)
