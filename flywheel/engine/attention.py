@@ -42,6 +42,7 @@ def prefill_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    max_q_len: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's last queries over its whole cached sequence."""
     out = torch.empty_like(q)
@@ -65,9 +66,10 @@ def decode_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence, at its last position, over all its cached positions."""
-    max_len = int(seq_lens.max())
+    max_len = max_seq_len or int(seq_lens.max())
     keys = gather_kv(k_cache, block_tables, max_len)
     values = gather_kv(v_cache, block_tables, max_len)
     mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)

@@ -20,6 +20,10 @@ from flywheel.engine.tensor_parallel import RankGroup
 logger = logging.getLogger(__name__)
 
 
+def _plan_num_blocks(runner, *args) -> int:
+    return runner.plan_num_blocks(*args)
+
+
 @dataclass
 class EngineStats:
     prefill_tokens: int = 0
@@ -50,14 +54,16 @@ class LLMEngine:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
             )
-        self.num_blocks = self.runner.plan_num_blocks(self.max_model_len, config.max_num_seqs)
+        self.num_blocks = min(
+            self.collective_rpc(_plan_num_blocks, self.max_model_len, config.max_num_seqs, self.max_num_batched_tokens)
+        )
         capacity = self.num_blocks * config.block_size
         if capacity < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {capacity} tokens ({self.num_blocks} blocks), fewer than max_model_len "
                 f"({self.max_model_len}): give it more memory or lower max_model_len"
             )
-        self.ranks.call("allocate_kv_cache", self.num_blocks)
+        self._allocate_kv_cache()
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(self.hf_config.vocab_size, self.runner.device, config.seed)
@@ -266,8 +272,12 @@ class LLMEngine:
 
     def wake_up(self) -> None:
         if self.sleeping:
-            self.ranks.call("allocate_kv_cache", self.num_blocks)
+            self._allocate_kv_cache()
             self.sleeping = False
+
+    def _allocate_kv_cache(self) -> None:
+        self.ranks.call("allocate_kv_cache", self.num_blocks)
+        self.ranks.call("capture_decode_graphs")
 
     def shutdown(self) -> None:
         self.ranks.shutdown()

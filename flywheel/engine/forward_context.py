@@ -26,6 +26,8 @@ class ForwardContext:
         self.backend.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
         if self.is_prefill:
             return self.backend.prefill_attention(
-                q, k_cache, v_cache, self.cu_seqlens_q, self.seq_lens, self.block_tables, scale
+                q, k_cache, v_cache, self.cu_seqlens_q, self.seq_lens, self.block_tables, scale, max_q_len=self.max_q_len
             )
-        return self.backend.decode_attention(q, k_cache, v_cache, self.seq_lens, self.block_tables, scale)
+        return self.backend.decode_attention(
+            q, k_cache, v_cache, self.seq_lens, self.block_tables, scale, max_seq_len=self.max_seq_len
+        )

@@ -8,11 +8,25 @@ before it copies anything.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flywheel.engine.distributed import TensorParallelGroup
+
+
+@functools.cache
+def _triton_kernels():
+    from flywheel.engine import kernels
+
+    return kernels
+
+
+def fused_kernels(x: torch.Tensor):
+    """The Triton kernels for tensors on a GPU, else None (the PyTorch path)."""
+    return _triton_kernels() if x.is_cuda else None
 
 
 class RMSNorm(nn.Module):
@@ -22,6 +36,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        kernels = fused_kernels(x)
+        if kernels is not None:
+            if residual is None:
+                return kernels.rms_norm(x, self.weight, self.eps)
+            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x
@@ -44,6 +63,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """``q`` ``[T, heads, D]``, ``k`` ``[T, kv_heads, D]``, ``positions`` ``[T]``."""
+        kernels = fused_kernels(q)
+        if kernels is not None:
+            return kernels.rotary_embedding(positions, q, k, (self.cos, self.sin), q.shape[-1])
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -55,6 +77,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    kernels = fused_kernels(x)
+    if kernels is not None:
+        return kernels.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -14,6 +14,7 @@ from transformers import AutoConfig
 
 from flywheel.engine import attention
 from flywheel.engine.config import EngineConfig
+from flywheel.engine.cuda_graphs import DecodeGraphs
 from flywheel.engine.distributed import TensorParallelGroup
 from flywheel.engine.forward_context import ForwardContext
 from flywheel.engine.models.registry import model_class
@@ -23,6 +24,8 @@ from flywheel.engine.weights import checkpoint_weights
 logger = logging.getLogger(__name__)
 
 CPU_KV_CACHE_GB = 1.0
+# Room kept for the CUDA graphs' memory pool and the sampler's buffers.
+GRAPH_RESERVE_BYTES = 1 << 30
 
 
 @dataclass
@@ -82,6 +85,7 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.decode_graphs: DecodeGraphs | None = None
 
     def _randomize_weights(self) -> None:
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed + self.tp.rank)
@@ -104,8 +108,10 @@ class ModelRunner:
         element = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * len(self.model.layers) * self.block_size * self.num_kv_heads * self.head_dim * element
 
-    def plan_num_blocks(self, max_model_len: int, max_num_seqs: int) -> int:
+    def plan_num_blocks(self, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:
         """How many KV-cache blocks fit the memory the config allows."""
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         if self.config.kv_cache_memory_gb is not None or self.device.type != "cuda":
@@ -116,13 +122,46 @@ class ModelRunner:
         return self._blocks_from_gpu_memory()
 
     def _blocks_from_gpu_memory(self) -> int:
+        """Blocks that fit ``gpu_memory_utilization`` of the GPU after the weights and the
+        activations of the largest prefill step, measured by running one."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_forward()
+        peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = total * self.config.gpu_memory_utilization - (total - free) - self.activation_reserve_bytes()
-        return max(1, int(budget // self.block_bytes))
+        outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.gpu_memory_utilization - peak - outside_torch - GRAPH_RESERVE_BYTES
+        if budget < self.block_bytes:
+            raise ValueError(
+                f"no GPU memory is left for the KV cache (weights and activations take {peak / 2**30:.1f} GiB of "
+                f"{total / 2**30:.1f} GiB): raise gpu_memory_utilization or lower max_num_batched_tokens"
+            )
+        return int(budget // self.block_bytes)
 
-    def activation_reserve_bytes(self) -> int:
-        """Room the forward pass of a full prefill step needs beside the cache (measured on GPU)."""
-        return getattr(self, "_activation_bytes", 0)
+    def _profile_forward(self) -> None:
+        tokens = self.max_num_batched_tokens
+        seq_len = min(tokens, self.max_model_len)
+        num_seqs = -(-tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        block_tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32).view(num_seqs, blocks_per_seq)
+        positions = torch.arange(seq_len).repeat(num_seqs)
+        slots = (block_tables[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)[:, :seq_len]
+        inputs = StepInputs(
+            is_prefill=True,
+            input_ids=torch.zeros(num_seqs * seq_len, dtype=torch.long),
+            positions=positions,
+            slot_mapping=slots.flatten().long(),
+            seq_lens=torch.full((num_seqs,), seq_len, dtype=torch.int32),
+            block_tables=block_tables,
+            logits_indices=torch.arange(seq_len - 1, num_seqs * seq_len, seq_len),
+            cu_seqlens_q=torch.arange(0, num_seqs * seq_len + 1, seq_len, dtype=torch.int32),
+            max_seq_len=seq_len,
+            max_q_len=seq_len,
+        )
+        self.execute(inputs)
+        torch.cuda.synchronize(self.device)
+        self.free_kv_cache()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
@@ -132,21 +171,30 @@ class ModelRunner:
         ]
         self.num_blocks = num_blocks
 
+    def capture_decode_graphs(self) -> None:
+        """Capture the decode step for the batch-size ladder (GPU, unless enforce_eager)."""
+        if self.device.type != "cuda" or self.config.enforce_eager or self.tp.size > 1:
+            return
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.kv_caches, self.backend, self.max_num_seqs,
+            -(-self.max_model_len // self.block_size), self.hf_config.hidden_size, self.dtype, self.device,
+        )
+
     def free_kv_cache(self) -> None:
+        self.decode_graphs = None
         self.kv_caches = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Rank 0: the tensors of a scheduled batch (on the host)."""
+        if not batch.is_prefill:
+            return self._prepare_decode(batch)
         input_ids, positions, slots, seq_lens, logits_indices = [], [], [], [], []
         cu_seqlens_q = [0]
         block_size = self.block_size
-        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
-        block_tables = torch.full((len(batch.seqs), max_blocks), -1, dtype=torch.int32)
-        for row, seq in enumerate(batch.seqs):
-            block_tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-            start = seq.num_cached_tokens if batch.is_prefill else len(seq) - 1
+        for seq in batch.seqs:
+            start = seq.num_cached_tokens
             new_positions = range(start, len(seq))
             input_ids.extend(seq.token_ids[start:])
             positions.extend(new_positions)
@@ -155,24 +203,58 @@ class ModelRunner:
             cu_seqlens_q.append(cu_seqlens_q[-1] + len(seq) - start)
             logits_indices.extend([cu_seqlens_q[-1] - 1] * (1 + len(seq.pending_forks)))
         return StepInputs(
-            is_prefill=batch.is_prefill,
+            is_prefill=True,
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long),
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=block_tables,
+            block_tables=self._block_tables(batch),
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
-            cu_seqlens_q=torch.tensor(cu_seqlens_q, dtype=torch.int32) if batch.is_prefill else None,
+            cu_seqlens_q=torch.tensor(cu_seqlens_q, dtype=torch.int32),
             max_seq_len=max(seq_lens),
             max_q_len=max(b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:])),
             block_copies=batch.block_copies,
         )
+
+    def _prepare_decode(self, batch: ScheduledBatch) -> StepInputs:
+        block_size = self.block_size
+        seq_lens = [len(seq) for seq in batch.seqs]
+        positions = [length - 1 for length in seq_lens]
+        slots = [
+            seq.block_table[position // block_size] * block_size + position % block_size
+            for seq, position in zip(batch.seqs, positions)
+        ]
+        return StepInputs(
+            is_prefill=False,
+            input_ids=torch.tensor([seq.token_ids[-1] for seq in batch.seqs], dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=self._block_tables(batch),
+            logits_indices=torch.arange(len(batch.seqs)),
+            max_seq_len=max(seq_lens),
+            max_q_len=1,
+            block_copies=batch.block_copies,
+        )
+
+    @staticmethod
+    def _block_tables(batch: ScheduledBatch) -> torch.Tensor:
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        return torch.tensor([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in batch.seqs], dtype=torch.int32)
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Every rank: run the forward pass; returns the logits of the rows to sample."""
         self._copy_blocks(inputs.block_copies)
         device = self.device
+        input_ids = inputs.input_ids.to(device, non_blocking=True)
+        positions = inputs.positions.to(device, non_blocking=True)
+        graphs = self.decode_graphs
+        if not inputs.is_prefill and graphs is not None and graphs.fits(len(input_ids), inputs.block_tables.shape[1]):
+            hidden = graphs.run(input_ids, positions, inputs.slot_mapping.to(device, non_blocking=True),
+                                inputs.seq_lens.to(device, non_blocking=True),
+                                inputs.block_tables.to(device, non_blocking=True))
+            return self.model.compute_logits(hidden)
         context = ForwardContext(
             is_prefill=inputs.is_prefill,
             slot_mapping=inputs.slot_mapping.to(device, non_blocking=True),
@@ -184,7 +266,7 @@ class ModelRunner:
             max_seq_len=inputs.max_seq_len,
             max_q_len=inputs.max_q_len,
         )
-        hidden = self.model(inputs.input_ids.to(device, non_blocking=True), inputs.positions.to(device, non_blocking=True), context)
+        hidden = self.model(input_ids, positions, context)
         hidden = hidden[inputs.logits_indices.to(device, non_blocking=True)]
         return self.model.compute_logits(hidden)
 

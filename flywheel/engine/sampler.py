@@ -58,9 +58,12 @@ class Sampler:
         logits = logits / temperature[:, None]
         processed_logprobs = torch.log_softmax(logits, dim=-1)
 
-        probs = self._truncate(processed_logprobs.exp(), tensors)
-        noise = self._exponential_noise(probs.shape, seqs)
-        sampled = torch.where(greedy, logits.argmax(dim=-1), (probs / noise).argmax(dim=-1))
+        if all(p.greedy for p in params):
+            sampled = logits.argmax(dim=-1)
+        else:
+            probs = self._truncate(processed_logprobs.exp(), tensors, params)
+            noise = self._exponential_noise(probs.shape, seqs)
+            sampled = torch.where(greedy, logits.argmax(dim=-1), (probs / noise).argmax(dim=-1))
 
         want_raw = [p.logprobs_mode == "raw" for p in params]
         logprobs = processed_logprobs
@@ -69,11 +72,13 @@ class Sampler:
             logprobs = torch.where(torch.tensor(want_raw, device=logits.device)[:, None], raw, processed_logprobs)
         sampled_logprobs = logprobs.gather(1, sampled[:, None])[:, 0]
         top = self._top_logprobs(logprobs, sampled_logprobs, params)
-        return SamplerOutput(sampled.tolist(), sampled_logprobs.tolist(), top)
+        # One device-to-host transfer for the ids and their logprobs (ids are exact in float64).
+        ids_and_logprobs = torch.stack([sampled.double(), sampled_logprobs.double()]).cpu().tolist()
+        return SamplerOutput([int(t) for t in ids_and_logprobs[0]], ids_and_logprobs[1], top)
 
     def _tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=self.device)
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
         params = [seq.params for seq in seqs]
         return SamplingTensors(
@@ -101,10 +106,8 @@ class Sampler:
         logits = logits - tensors.frequency_penalty[:, None] * output_counts
         return logits - tensors.presence_penalty[:, None] * (output_counts > 0).float()
 
-    def _truncate(self, probs: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
-        needs_top_k = bool((tensors.top_k < self.vocab_size).any())
-        needs_top_p = bool((tensors.top_p < 1.0).any())
-        if needs_top_k or needs_top_p:
+    def _truncate(self, probs: torch.Tensor, tensors: SamplingTensors, params) -> torch.Tensor:
+        if any(0 < p.top_k < self.vocab_size or p.top_p < 1.0 for p in params):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
             drop = ranks >= tensors.top_k[:, None]
@@ -113,7 +116,7 @@ class Sampler:
             drop |= mass_before >= tensors.top_p[:, None]
             drop[:, 0] = False
             probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
-        if bool((tensors.min_p > 0).any()):
+        if any(p.min_p > 0 for p in params):
             threshold = tensors.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs

@@ -16,7 +16,7 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 # A finite start for running maxima: rows that see no key keep it and get weight 0, never NaN.
-_NEG_START = -1.0e30
+_NEG_START = tl.constexpr(-1.0e30)
 # Decode splits a sequence only while the batch leaves the GPU's multiprocessors idle.
 _DECODE_PROGRAMS_PER_SM = 4
 _MIN_SPLIT_TOKENS = 128
@@ -32,13 +32,14 @@ def _decode_split_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_bt,
     stride_ob, stride_oh,
-    split_tokens,
+    num_heads, split_tokens,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_N: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, KV_PER_PROGRAM: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # Tensors are [kv head, query row, ...]: one program serves KV_PER_PROGRAM adjacent kv heads and
+    # all their query heads, reading each cache row once, with the heads of one token side by side.
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     start = split * split_tokens
@@ -46,55 +47,51 @@ def _decode_split_kernel(
         return
     end = tl.minimum(start + split_tokens, seq_len)
 
+    kv_heads = tl.program_id(1) * KV_PER_PROGRAM + tl.arange(0, KV_PER_PROGRAM)
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, BLOCK_D)
-    heads = kv_head * GROUP + rows
-    row_ok = rows < GROUP
-    dim_ok = dims < HEAD_DIM
-    q = tl.load(
-        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
-    )
+    heads = kv_heads[:, None] * GROUP + rows[None, :]
+    head_mask = (rows < GROUP)[None, :, None] & (dims < HEAD_DIM)[None, None, :]
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, :, None] * stride_qh + dims[None, None, :], mask=head_mask, other=0.0)
 
-    m_i = tl.full([GROUP_PAD], _NEG_START, tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    m_i = tl.full([KV_PER_PROGRAM, GROUP_PAD], _NEG_START, tl.float32)
+    l_i = tl.zeros([KV_PER_PROGRAM, GROUP_PAD], tl.float32)
+    acc = tl.zeros([KV_PER_PROGRAM, GROUP_PAD, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq * stride_bt
     for tile_start in range(start, end, TILE_N):
         tokens = tile_start + tl.arange(0, TILE_N)
         tok_ok = tokens < end
         block = tl.load(table + tokens // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
         slot = tokens % BLOCK_SIZE
-        kv_mask = tok_ok[:, None] & dim_ok[None, :]
+        kv_mask = tok_ok[None, :, None] & (dims < HEAD_DIM)[None, None, :]
         k = tl.load(
-            k_cache_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh + dims[None, :],
+            k_cache_ptr + block[None, :, None] * stride_kb + slot[None, :, None] * stride_ks
+            + kv_heads[:, None, None] * stride_kh + dims[None, None, :],
             mask=kv_mask, other=0.0,
         )
-        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
-        scores = tl.where(tok_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
-            v_cache_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
+            v_cache_ptr + block[None, :, None] * stride_vb + slot[None, :, None] * stride_vs
+            + kv_heads[:, None, None] * stride_vh + dims[None, None, :],
             mask=kv_mask, other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        scores = tl.dot(q, tl.permute(k.to(q.dtype), (0, 2, 1)), input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.where(tok_ok[None, None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 2))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, 2)
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
-    out = acc / l_i[:, None]
-    store_mask = row_ok[:, None] & dim_ok[None, :]
+    out = acc / l_i[:, :, None]
     if NUM_SPLITS == 1:
-        tl.store(
-            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
-            out.to(out_ptr.dtype.element_ty), mask=store_mask,
-        )
+        out_ptrs = out_ptr + seq * stride_ob + heads[:, :, None] * stride_oh + dims[None, None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask)
     else:
         # part_out [B, H, NUM_SPLITS, BLOCK_D] and part_lse [B, H, NUM_SPLITS], fp32, contiguous.
-        part = (seq * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
-        tl.store(part_out_ptr + part[:, None] * BLOCK_D + dims[None, :], out, mask=store_mask)
-        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=row_ok)
+        part = (seq * num_heads + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, :, None] * BLOCK_D + dims[None, None, :], out, mask=head_mask)
+        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=(rows < GROUP)[None, :])
 
 
 @triton.jit
@@ -195,14 +192,16 @@ def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, device: torch.device) -> int:
+def decode_num_splits(
+    batch: int, num_kv_heads: int, head_dim: int, max_blocks: int, block_size: int, device: torch.device
+) -> int:
     """How many KV chunks decode splits each sequence into: enough programs to fill the GPU, no more.
 
     Depends only on shapes (never on device values), so one CUDA graph per batch size stays valid.
     """
     if device.type != "cuda":
         return 1
-    programs = batch * num_kv_heads
+    programs = batch * num_kv_heads // _decode_kv_heads_per_program(num_kv_heads, head_dim)
     wanted = triton.cdiv(_DECODE_PROGRAMS_PER_SM * _multiprocessor_count(device.index or 0), programs)
     possible = max(1, max_blocks * block_size // _MIN_SPLIT_TOKENS)
     return max(1, min(wanted, possible, _MAX_SPLITS))
@@ -237,6 +236,19 @@ def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def _decode_launch_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int]:
+    """Tokens per loop step, warps and pipeline stages of the decode kernel."""
+    return (32 if dtype == torch.float32 else 64), 4, 3
+
+
+def _decode_kv_heads_per_program(kv_heads: int, head_dim: int) -> int:
+    """Adjacent kv heads one decode program reads together: a token's heads up to 256 values wide."""
+    per_program = 1
+    while kv_heads % (2 * per_program) == 0 and 2 * per_program * head_dim <= 256:
+        per_program *= 2
+    return per_program
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get exact fp32 products; Triton would otherwise round them to tf32.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -266,9 +278,10 @@ def decode_attention(
     if max_seq_len is not None:
         max_blocks = min(max_blocks, triton.cdiv(max_seq_len, block_size))
     if num_splits is None:
-        num_splits = decode_num_splits(batch, kv_heads, max_blocks, block_size, q.device)
+        num_splits = decode_num_splits(batch, kv_heads, head_dim, max_blocks, block_size, q.device)
     group = heads // kv_heads
-    tile_n = 32 if q.dtype == torch.float32 else 64
+    tile_n, num_warps, num_stages = _decode_launch_config(q.dtype, head_dim)
+    kv_per_program = _decode_kv_heads_per_program(kv_heads, head_dim)
     # Whole tiles per split, so only a sequence's last tile is partly masked.
     split_tokens = triton.cdiv(triton.cdiv(max(max_blocks, 1) * block_size, num_splits), tile_n) * tile_n
     block_d = triton.next_power_of_2(head_dim)
@@ -279,7 +292,7 @@ def decode_attention(
     if num_splits > 1:
         part_out = torch.empty((batch, heads, num_splits, block_d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, heads, num_splits), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(batch, kv_heads, num_splits)](
+    _decode_split_kernel[(batch, kv_heads // kv_per_program, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
@@ -287,11 +300,11 @@ def decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        split_tokens,
+        heads, split_tokens,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), TILE_N=tile_n,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), KV_PER_PROGRAM=kv_per_program, TILE_N=tile_n,
         NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, heads)](
