@@ -1,7 +1,7 @@
 """Generation throughput of the engine against transformers `generate`, in one run.
 
-    python bench/throughput.py --workload cpu-rollout --shape tiny --device cpu
-    python bench/throughput.py --workload rollout --shape qwen2.5-0.5b --device cuda --out $OUT/rollout.json
+    python -m bench.throughput --workload cpu-rollout --shape tiny --device cpu
+    python -m bench.throughput --workload rollout --shape qwen2.5-0.5b --device cuda --out $OUT/rollout.json
 
 Random weights (EOS ignored, so every sequence runs its full length). Prints a table last and
 writes JSON.
@@ -15,7 +15,7 @@ import json
 import time
 
 import torch
-from shapes import SHAPES, WORKLOADS, model_config, model_folder
+from bench.shapes import SHAPES, WORKLOADS, model_config, model_folder
 from transformers import AutoModelForCausalLM
 
 from flywheel import LLM, SamplingParams
