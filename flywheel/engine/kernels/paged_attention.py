@@ -18,7 +18,7 @@ _LOG2E = 1.4426950408889634
 # A finite start for running maxima: rows that see no key keep it and get weight 0, never NaN.
 _NEG_START = tl.constexpr(-1.0e30)
 # Decode splits a sequence only while the batch leaves the GPU's multiprocessors idle.
-_DECODE_PROGRAMS_PER_SM = 4
+_DECODE_PROGRAMS_PER_SM = 2
 _MIN_SPLIT_TOKENS = 128
 _MAX_SPLITS = 64
 
@@ -193,7 +193,13 @@ def _multiprocessor_count(device_index: int) -> int:
 
 
 def decode_num_splits(
-    batch: int, num_kv_heads: int, head_dim: int, max_blocks: int, block_size: int, device: torch.device
+    batch: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> int:
     """How many KV chunks decode splits each sequence into: enough programs to fill the GPU, no more.
 
@@ -201,7 +207,7 @@ def decode_num_splits(
     """
     if device.type != "cuda":
         return 1
-    programs = batch * num_kv_heads // _decode_kv_heads_per_program(num_kv_heads, head_dim)
+    programs = batch * num_kv_heads // _decode_kv_heads_per_program(num_kv_heads, head_dim, dtype)
     wanted = triton.cdiv(_DECODE_PROGRAMS_PER_SM * _multiprocessor_count(device.index or 0), programs)
     possible = max(1, max_blocks * block_size // _MIN_SPLIT_TOKENS)
     return max(1, min(wanted, possible, _MAX_SPLITS))
@@ -236,15 +242,17 @@ def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def _decode_launch_config(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int]:
-    """Tokens per loop step, warps and pipeline stages of the decode kernel."""
-    return (32 if dtype == torch.float32 else 64), 4, 3
+def _decode_launch_config(dtype: torch.dtype) -> tuple[int, int, int]:
+    """Tokens per loop step, warps and pipeline stages of the decode kernel (bench/notes_kernels.md)."""
+    return (32, 4, 2) if dtype == torch.float32 else (32, 2, 2)
 
 
-def _decode_kv_heads_per_program(kv_heads: int, head_dim: int) -> int:
-    """Adjacent kv heads one decode program reads together: a token's heads up to 256 values wide."""
+def _decode_kv_heads_per_program(kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Adjacent kv heads one decode program reads together: a token's heads up to 256 values wide
+    (128 in fp32, whose tiles take twice the registers)."""
+    width = 128 if dtype == torch.float32 else 256
     per_program = 1
-    while kv_heads % (2 * per_program) == 0 and 2 * per_program * head_dim <= 256:
+    while kv_heads % (2 * per_program) == 0 and 2 * per_program * head_dim <= width:
         per_program *= 2
     return per_program
 
@@ -278,10 +286,10 @@ def decode_attention(
     if max_seq_len is not None:
         max_blocks = min(max_blocks, triton.cdiv(max_seq_len, block_size))
     if num_splits is None:
-        num_splits = decode_num_splits(batch, kv_heads, head_dim, max_blocks, block_size, q.device)
+        num_splits = decode_num_splits(batch, kv_heads, head_dim, max_blocks, block_size, q.dtype, q.device)
     group = heads // kv_heads
-    tile_n, num_warps, num_stages = _decode_launch_config(q.dtype, head_dim)
-    kv_per_program = _decode_kv_heads_per_program(kv_heads, head_dim)
+    tile_n, num_warps, num_stages = _decode_launch_config(q.dtype)
+    kv_per_program = _decode_kv_heads_per_program(kv_heads, head_dim, q.dtype)
     # Whole tiles per split, so only a sequence's last tile is partly masked.
     split_tokens = triton.cdiv(triton.cdiv(max(max_blocks, 1) * block_size, num_splits), tile_n) * tile_n
     block_d = triton.next_power_of_2(head_dim)
