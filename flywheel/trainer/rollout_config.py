@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 VLLM_MODES = ("server", "colocate")
@@ -126,6 +128,10 @@ class RolloutTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if not self.use_cpu and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Launched with several processes (torchrun / accelerate launch) on a machine without a GPU:
+            # without use_cpu, accelerate would run each process alone instead of DDP over Gloo.
+            self.use_cpu = True
         super().__post_init__()
         # Reward functions need the extra columns; the Trainer's column pruning would drop them.
         self.remove_unused_columns = False

@@ -1,0 +1,61 @@
+"""GRPO under `accelerate launch --num_processes 2` (DDP over Gloo on the CPU) with a generation server."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from test_grpo_server import free_port, start_server
+
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from datasets import Dataset
+    from flywheel import GRPOConfig, GRPOTrainer
+    from flywheel.trainer.rewards import char_fraction_reward
+
+    model_path, out_dir, server_port, group_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(1)
+    args = GRPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=8, num_generations=8, max_completion_length=10,
+        learning_rate=1e-2, max_steps=12, logging_steps=1, report_to="none", save_strategy="no",
+        disable_tqdm=True, seed=0, use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1",
+        vllm_server_port=server_port, vllm_group_port=group_port,
+    )
+    dataset = Dataset.from_dict({"prompt": [f"Say {i}:" for i in range(256)]})
+    trainer = GRPOTrainer(model=model_path, reward_funcs=char_fraction_reward("abcdefghijklmnopqrstuvwxyz"),
+                          args=args, train_dataset=dataset)
+    trainer.train()
+    # Both replicas must hold the same weights after training (DDP averaged the gradients).
+    checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters())
+    checksums = trainer.accelerator.gather(torch.tensor([checksum], dtype=torch.float64)).tolist()
+    if trainer.accelerator.is_main_process:
+        rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+        with open(f"{out_dir}/result.json", "w") as f:
+            json.dump({"rewards": rewards, "checksums": checksums, "processes": trainer.accelerator.num_processes}, f)
+    trainer.rollout.close()
+    """
+)
+
+
+def test_two_process_server_training_learns_with_identical_replicas(tiny_checkpoints, tmp_path):
+    process, port = start_server(tiny_checkpoints["qwen2"], tmp_path / "server.log")
+    try:
+        script = tmp_path / "train.py"
+        script.write_text(TRAIN_SCRIPT)
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port",
+                   str(free_port()), str(script), tiny_checkpoints["qwen2"], str(tmp_path), str(port),
+                   str(free_port())]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-4000:]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["processes"] == 2
+    assert abs(result["checksums"][0] - result["checksums"][1]) < 1e-6
+    rewards = result["rewards"]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.25, f"reward did not rise: {[round(r, 3) for r in rewards]}"
