@@ -5,7 +5,7 @@ block 16, bf16), measured beside a device-to-device copy in the same run; also p
 rollout prompts and the fused elementwise kernels. Prints a table last and writes JSON to
 ``--out`` (default ``$OUT`` or the current folder).
 
-    python3 bench/kernels.py --model qwen2.5-0.5b qwen3-0.6b
+    python3 -m bench.attention_kernels --model qwen2.5-0.5b qwen3-0.6b
 """
 
 from __future__ import annotations
