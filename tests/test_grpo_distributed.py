@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from test_grpo_server import free_port, start_server
+from flywheel.server.launch import free_port, launch_server
 
 TRAIN_SCRIPT = textwrap.dedent(
     """
@@ -40,19 +40,16 @@ TRAIN_SCRIPT = textwrap.dedent(
 
 
 def test_two_process_server_training_learns_with_identical_replicas(tiny_checkpoints, tmp_path):
-    process, port = start_server(tiny_checkpoints["qwen2"], tmp_path / "server.log")
-    try:
+    with launch_server(tiny_checkpoints["qwen2"], log_path=tmp_path / "server.log", kv_cache_memory_gb=0.05,
+                       log_level="warning") as server:
         script = tmp_path / "train.py"
         script.write_text(TRAIN_SCRIPT)
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                    "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port",
-                   str(free_port()), str(script), tiny_checkpoints["qwen2"], str(tmp_path), str(port),
+                   str(free_port()), str(script), tiny_checkpoints["qwen2"], str(tmp_path), str(server.port),
                    str(free_port())]
         run = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-4000:]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["processes"] == 2
     assert abs(result["checksums"][0] - result["checksums"][1]) < 1e-6

@@ -1,55 +1,20 @@
 """GRPOTrainer against a real `flywheel serve` subprocess: it learns, and the server gets the trained weights."""
 
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import pytest
 from datasets import Dataset
 
 from flywheel import GRPOConfig, GRPOTrainer
+from flywheel.server.launch import free_port, launch_server
 from flywheel.trainer.rewards import char_fraction_reward
 
 lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lowercase_fraction")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model_path: str, log_path) -> tuple[subprocess.Popen, int]:
-    """`python -m flywheel serve` on a free port; returns once /health answers."""
-    port = free_port()
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flywheel", "serve", "--model", model_path, "--port", str(port),
-         "--kv_cache_memory_gb", "0.05", "--log_level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {open(log_path).read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
-                return process, port
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError(f"server did not become healthy: {open(log_path).read()[-2000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
-    process, port = start_server(tiny_checkpoints["qwen2"], tmp_path_factory.mktemp("server") / "server.log")
-    yield port
-    process.terminate()
-    process.wait(timeout=30)
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    with launch_server(tiny_checkpoints["qwen2"], log_path=log_path, kv_cache_memory_gb=0.05, log_level="warning") as proc:
+        yield proc.port
 
 
 def test_reward_rises_and_server_gets_the_trained_weights(tiny_checkpoints, server, tmp_path):

@@ -4,6 +4,7 @@ import pytest
 from datasets import Dataset
 
 from flywheel import OnlineDPOConfig, OnlineDPOTrainer
+from flywheel.server.launch import free_port, launch_server
 from flywheel.trainer.judges import PairwiseJudge
 from flywheel.trainer.rewards import char_fraction_reward
 
@@ -47,16 +48,11 @@ def test_scores_rise_with_a_colocated_engine(tiny_checkpoints, tmp_path):
 
 
 def test_scores_rise_with_a_server(tiny_checkpoints, tmp_path):
-    from test_grpo_server import free_port, start_server
-
-    process, port = start_server(tiny_checkpoints["qwen2"], tmp_path / "server.log")
-    try:
+    with launch_server(tiny_checkpoints["qwen2"], log_path=tmp_path / "server.log", kv_cache_memory_gb=0.05,
+                       log_level="warning") as server:
         args = dpo_args(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1",
-                        vllm_server_port=port, vllm_group_port=free_port())
+                        vllm_server_port=server.port, vllm_group_port=free_port())
         train_and_check_scores_rise(tiny_checkpoints["qwen2"], args)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 class FirstIsBetter(PairwiseJudge):

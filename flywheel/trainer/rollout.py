@@ -198,6 +198,7 @@ class ColocateRollout(Rollout):
             self.llm.wake_up()
 
     def close(self) -> None:
+        self.llm.shutdown()
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
 

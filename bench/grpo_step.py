@@ -1,0 +1,181 @@
+"""GRPO step benchmark: one GRPO step configuration timed with use_vllm=False, colocate and server, in one run.
+
+The time of each optimizer step is split into generation / reward / train / weight sync (the trainer's
+own `time/*` logs); the first `--warmup` steps are left out.
+
+GPU:  python bench/grpo_step.py --model-shape qwen2.5-0.5b --device cuda --prompts 64 --num-generations 8 \
+          --max-completion-length 256 --out grpo_step.json
+      (server mode runs when a second GPU is visible: the server on GPU 1, the trainer on GPU 0)
+CPU:  python bench/grpo_step.py --model-shape tiny --device cpu --prompts 4 --num-generations 4 \
+          --max-completion-length 32 --micro-batch 16 --steps 1
+
+Prints a table last and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run by path, this folder would come first on sys.path and shadow packages transformers probes.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
+
+from bench.shapes import SHAPES, model_config  # noqa: E402
+from flywheel import GRPOConfig, GRPOTrainer  # noqa: E402
+from flywheel.server.launch import free_port, launch_server  # noqa: E402
+from flywheel.testing import byte_tokenizer  # noqa: E402
+from flywheel.trainer.metrics import PHASES  # noqa: E402
+from flywheel.trainer.rewards import char_fraction_reward  # noqa: E402
+
+MODES = ("none", "colocate", "server")
+
+
+class StepClock(TrainerCallback):
+    """Wall time of every optimizer step (generation included: it happens inside the step)."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.durations.append(time.perf_counter() - self._start)
+
+
+def write_checkpoint(shape: str, folder: Path, dtype: torch.dtype, seed: int) -> str:
+    """Random weights in the shape's config (and the byte tokenizer), saved where the engine can load them."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder)
+    del model
+    return str(folder)
+
+
+def random_prompts(count: int, length: int, seed: int) -> list[str]:
+    """Prompts of `length` byte tokens each (the byte tokenizer makes one token per character)."""
+    rng = random.Random(seed)
+    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(length)) for _ in range(count)]
+
+
+def run_mode(mode: str, checkpoint: str, options: argparse.Namespace, workdir: Path, server_port: int | None) -> dict:
+    completions = options.prompts * options.num_generations
+    if completions % options.micro_batch:
+        raise ValueError(f"--micro-batch {options.micro_batch} must divide prompts × generations = {completions}")
+    on_gpu = options.device.startswith("cuda")
+    placement = {
+        "none": {},
+        "colocate": dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=options.gpu_memory_utilization,
+                         vllm_kv_cache_memory_gb=None if on_gpu else 1.0),
+        "server": dict(use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=server_port,
+                       vllm_group_port=free_port()),
+    }[mode]
+    args = GRPOConfig(
+        output_dir=str(workdir / mode), per_device_train_batch_size=options.micro_batch,
+        gradient_accumulation_steps=completions // options.micro_batch, num_generations=options.num_generations,
+        max_prompt_length=options.prompt_length, max_completion_length=options.max_completion_length,
+        max_steps=options.warmup + options.steps, logging_steps=1, learning_rate=1e-6, bf16=on_gpu,
+        use_cpu=not on_gpu, gradient_checkpointing=options.gradient_checkpointing, report_to="none",
+        save_strategy="no", disable_tqdm=True, seed=options.seed, **placement,
+    )
+    dataset = Dataset.from_dict({"prompt": random_prompts(options.prompts * (options.warmup + options.steps),
+                                                          options.prompt_length, options.seed)})
+    clock = StepClock()
+    trainer = GRPOTrainer(model=checkpoint, reward_funcs=char_fraction_reward("aeiou"), args=args,
+                          train_dataset=dataset, callbacks=[clock])
+    try:
+        trainer.train()
+    finally:
+        trainer.rollout.close()
+    logs = [entry for entry in trainer.state.log_history if "time/generation" in entry][options.warmup:]
+    result = {"mode": mode, "step_s": statistics.mean(clock.durations[options.warmup:])}
+    for phase in PHASES:
+        result[f"{phase}_s"] = statistics.mean(entry[f"time/{phase}"] for entry in logs)
+    result["completion_tokens_per_step"] = statistics.mean(
+        entry["completions/mean_length"] * completions for entry in logs)
+    if "sampling/sampling_logp_difference/mean" in logs[-1]:
+        result["logp_gap_mean"] = logs[-1]["sampling/sampling_logp_difference/mean"]
+    del trainer
+    gc.collect()
+    if on_gpu:
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--prompts", type=int, default=64, help="distinct prompts per step")
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--prompt-length", type=int, default=128)
+    parser.add_argument("--max-completion-length", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=32, help="completions per forward/backward")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="colocate engine's share")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="grpo_step.json")
+    options = parser.parse_args(argv)
+
+    on_gpu = options.device.startswith("cuda")
+    modes = list(options.modes)
+    if "server" in modes and on_gpu and torch.cuda.device_count() < 2:
+        print("server mode skipped: it needs a second GPU for the server", file=sys.stderr)
+        modes.remove("server")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="flywheel-grpo-bench-") as tmp:
+        workdir = Path(tmp)
+        checkpoint = write_checkpoint(options.model_shape, workdir / "model",
+                                      torch.bfloat16 if on_gpu else torch.float32, options.seed)
+        for mode in modes:
+            if mode == "server":
+                server_options = dict(dtype="bfloat16", env={"CUDA_VISIBLE_DEVICES": "1"}) if on_gpu else \
+                    dict(kv_cache_memory_gb=1.0)
+                with launch_server(checkpoint, log_path=workdir / "server.log", log_level="warning",
+                                   **server_options) as server:
+                    results.append(run_mode(mode, checkpoint, options, workdir, server.port))
+            else:
+                results.append(run_mode(mode, checkpoint, options, workdir, None))
+
+    baseline = next((r["step_s"] for r in results if r["mode"] == "none"), None)
+    for result in results:
+        result["speedup_vs_none"] = baseline / result["step_s"] if baseline else None
+    report = {"model_shape": options.model_shape, "device": options.device,
+              "gpu": torch.cuda.get_device_name(0) if on_gpu else None, "prompts": options.prompts,
+              "num_generations": options.num_generations, "prompt_length": options.prompt_length,
+              "max_completion_length": options.max_completion_length, "micro_batch": options.micro_batch,
+              "steps": options.steps, "results": results}
+    Path(options.out).write_text(json.dumps(report, indent=2))
+
+    header = f"{'mode':<9} {'step s':>8} {'gen s':>8} {'reward s':>9} {'train s':>8} {'sync s':>8} {'vs none':>8}"
+    print(f"\nGRPO step: {options.model_shape} on {options.device}, {options.prompts} prompts × "
+          f"{options.num_generations}, {options.prompt_length} → {options.max_completion_length} tokens")
+    print(header)
+    for r in results:
+        speedup = f"{r['speedup_vs_none']:.2f}x" if r["speedup_vs_none"] else "-"
+        print(f"{r['mode']:<9} {r['step_s']:>8.2f} {r['generation_s']:>8.2f} {r['reward_s']:>9.3f} "
+              f"{r['train_s']:>8.2f} {r['weight_sync_s']:>8.3f} {speedup:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
