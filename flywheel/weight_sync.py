@@ -16,7 +16,6 @@ import math
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -83,9 +82,9 @@ def plan_buckets(specs: Iterable[ParamSpec], bucket_bytes: int = DEFAULT_BUCKET_
     return buckets
 
 
-def flatten_bucket(bucket: Bucket, tensors: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
-    """Copy `tensors` (in the bucket's order) into one flat uint8 buffer on `device`."""
-    buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
+def flatten_bucket(bucket: Bucket, tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Copy `tensors` (in the bucket's order) into the flat uint8 buffer `out`; returns its used part."""
+    buffer = out[: bucket.nbytes]
     for spec, offset, tensor in zip(bucket.specs, bucket.offsets, tensors):
         raw = tensor.detach().contiguous().view(-1).view(torch.uint8)
         buffer[offset : offset + spec.nbytes].copy_(raw, non_blocking=True)
@@ -109,6 +108,7 @@ class WeightSyncGroup:
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
         self.rank, self.world_size, self.backend, self.device = rank, world_size, backend, device
         self.client_rank = world_size - 1
+        self._staging: tuple[torch.Tensor, torch.Tensor] | None = None
         timeout = timedelta(seconds=timeout_s)
         where = f"{host}:{port}"
         try:
@@ -138,9 +138,13 @@ class WeightSyncGroup:
     def _wire_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
+    def start_broadcast(self, buffer: torch.Tensor):
+        """Begin filling `buffer` on every rank with the client's copy; returns the work to wait on."""
+        return self.group.broadcast([buffer], _broadcast_options(self.client_rank))
+
     def broadcast_from_client(self, buffer: torch.Tensor) -> None:
         """Fill `buffer` on every rank with the client's copy."""
-        self.group.broadcast([buffer], _broadcast_options(self.client_rank)).wait()
+        self.start_broadcast(buffer).wait()
 
     def sum_flags(self, flag: int) -> int:
         """All-reduce one integer flag per rank; used to report failures to the client."""
@@ -152,8 +156,14 @@ class WeightSyncGroup:
         """An empty byte buffer on the device this backend broadcasts on."""
         return torch.empty(nbytes, dtype=torch.uint8, device=self._wire_device())
 
+    def staging_buffers(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two byte buffers of at least `nbytes`, kept between updates (fresh memory is slow to touch)."""
+        if self._staging is None or self._staging[0].numel() < nbytes:
+            self._staging = (self.receive_buffer(nbytes), self.receive_buffer(nbytes))
+        return self._staging
+
     def close(self) -> None:
-        group, self.group = self.group, None
+        group, self.group, self._staging = self.group, None, None
         if group is not None and hasattr(group, "shutdown"):
             try:
                 group.shutdown()
@@ -171,12 +181,21 @@ def _broadcast_options(root: int) -> dist.BroadcastOptions:
 
 def send_buckets(group: WeightSyncGroup, named_tensors: list[tuple[str, torch.Tensor]],
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
-    """The client's side of an update: broadcast the tensors bucket by bucket, then check the result."""
+    """The client's side of an update: broadcast the tensors bucket by bucket, then check the result.
+
+    Two staging buffers alternate: bucket i+1 is packed while bucket i is on the wire.
+    """
     by_name = dict(named_tensors)
     specs = [ParamSpec(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in named_tensors]
-    for bucket in plan_buckets(specs, bucket_bytes):
-        buffer = flatten_bucket(bucket, [by_name[s.name] for s in bucket.specs], group._wire_device())
-        group.broadcast_from_client(buffer)
+    buckets = plan_buckets(specs, bucket_bytes)
+    staging = group.staging_buffers(max(bucket.nbytes for bucket in buckets))
+    in_flight = None
+    for index, bucket in enumerate(buckets):
+        buffer = flatten_bucket(bucket, [by_name[s.name] for s in bucket.specs], staging[index % 2])
+        if in_flight is not None:
+            in_flight.wait()
+        in_flight = group.start_broadcast(buffer)
+    in_flight.wait()
     failures = group.sum_flags(0)
     if failures:
         raise RuntimeError(
@@ -200,6 +219,8 @@ def rpc_start_join(model_runner, host: str, port: int, world_size: int, rank_off
 
     def join() -> None:
         try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is per thread
             outcome["group"] = WeightSyncGroup(host, port, rank, world_size, backend, device, timeout_s)
         except Exception as error:  # reported by rpc_finish_join
             outcome["error"] = error
@@ -221,19 +242,25 @@ def rpc_finish_join(model_runner, timeout_s: float) -> None:
 
 
 def rpc_receive_and_load(model_runner, buckets: list[Bucket]) -> str | None:
-    """Receive every bucket and load it into this rank's shard; returns an error message or None."""
+    """Receive every bucket and load it into this rank's shard; returns an error message or None.
+
+    Two buffers alternate: bucket i+1 arrives while bucket i is being loaded.
+    """
     group: WeightSyncGroup = _state.get("group")
     if group is None:
         return "no communicator is open on this rank"
+    staging = group.staging_buffers(max(bucket.nbytes for bucket in buckets))
     error = None
-    for bucket in buckets:
-        buffer = group.receive_buffer(bucket.nbytes)
-        group.broadcast_from_client(buffer)
+    in_flight = group.start_broadcast(staging[0][: buckets[0].nbytes])
+    for index, bucket in enumerate(buckets):
+        in_flight.wait()
+        if index + 1 < len(buckets):
+            in_flight = group.start_broadcast(staging[(index + 1) % 2][: buckets[index + 1].nbytes])
         if error is not None:
-            continue  # keep receiving so the client's broadcasts complete
+            continue  # keep receiving so that the client's broadcasts complete
         try:
-            tensors = [(name, t.to(model_runner.device)) for name, t in unflatten_bucket(bucket, buffer)]
-            model_runner.model.load_weights(tensors)
+            received = unflatten_bucket(bucket, staging[index % 2])
+            model_runner.model.load_weights([(name, t.to(model_runner.device)) for name, t in received])
         except Exception as failure:
             logger.exception("weight sync: loading a bucket failed")
             error = f"{type(failure).__name__}: {failure}"
@@ -259,21 +286,6 @@ def rpc_device_uuid(model_runner) -> str | None:
     if device.type != "cuda":
         return None
     return str(torch.cuda.get_device_properties(device).uuid)
-
-
-def checkpoint_param_specs(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
-    """Parameter names and full shapes of a local safetensors checkpoint, read from file headers."""
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as checkpoint:
-            for name in checkpoint.keys():
-                shapes[name] = tuple(checkpoint.get_slice(name).get_shape())
-    return shapes
 
 
 def validate_specs(specs: list[ParamSpec], expected: dict[str, tuple[int, ...]]) -> None:

@@ -47,7 +47,7 @@ def worker_main(dp_rank: int, options: ServerOptions, cuda_devices: str | None, 
         llm = _load_engine(options)
         ready = {"max_model_len": _max_model_len(llm)}
         if dp_rank == 0:
-            ready["param_shapes"] = _param_shapes(options)
+            ready["param_shapes"] = _param_shapes(llm)
     except Exception as error:
         logger.exception("loading the engine failed")
         outbox.put(("fatal", dp_rank, f"loading the engine failed: {type(error).__name__}: {error}"))
@@ -97,16 +97,10 @@ def _max_model_len(llm) -> int | None:
     return None
 
 
-def _param_shapes(options: ServerOptions) -> dict[str, tuple[int, ...]]:
-    from flywheel.weight_sync import checkpoint_param_specs
+def _param_shapes(llm) -> dict[str, tuple[int, ...]]:
+    from flywheel.engine.weights import hf_parameter_shapes
 
-    model_dir = options.model
-    if not os.path.isdir(model_dir):
-        from huggingface_hub import snapshot_download
-
-        model_dir = snapshot_download(options.model, revision=options.revision, local_files_only=True,
-                                      allow_patterns=["*.safetensors", "*.json"])
-    return checkpoint_param_specs(model_dir)
+    return hf_parameter_shapes(llm.engine.hf_config)
 
 
 def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
