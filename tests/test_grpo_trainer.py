@@ -59,7 +59,8 @@ def test_conversational_prompts_columns_none_rewards_and_a_reward_model(tiny_che
     prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(8)]
     dataset = Dataset.from_dict({"prompt": prompts, "target": [f"t{i}" for i in range(8)]})
     args = learning_args(tmp_path, per_device_train_batch_size=8, num_generations=4, max_steps=2, beta=0.1,
-                         loss_type="grpo", reward_weights=[1.0, 0.5], max_prompt_length=12)
+                         loss_type="grpo", reward_weights=[1.0, 0.5], max_prompt_length=12,
+                         log_completions=True, num_completions_to_print=2)
     trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=[echo_target, tiny_checkpoints["qwen2_b"]],
                           args=args, train_dataset=dataset)
     trainer.train()
@@ -83,10 +84,12 @@ def test_model_object_and_its_tokenizer_are_accepted(tiny_checkpoints, tmp_path)
                          gradient_accumulation_steps=2, num_iterations=2)
     dataset = Dataset.from_dict({"prompt": ["a", "b", "c", "d"]})
     trainer = GRPOTrainer(model=model, reward_funcs=lowercase_fraction, args=args, train_dataset=dataset,
-                          processing_class=tokenizer)
+                          eval_dataset=dataset, processing_class=tokenizer)
     assert trainer.needs_old_logps  # num_iterations > 1 trains off-policy after the first update
     trainer.train()
     assert trainer.state.global_step == 1
+    assert "eval_loss" in trainer.evaluate()
+    assert {"eval_reward", "eval_completions/mean_length", "eval_time/generation"} <= set(trainer.state.log_history[-1])
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ def token_logps_and_entropy(logits: torch.Tensor, token_ids: torch.Tensor, with_
         row_log_probs = row_logits.float().log_softmax(dim=-1)
         logps.append(row_log_probs.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1))
         if with_entropy:
-            entropies.append(-(row_log_probs.exp() * row_log_probs).sum(-1))
+            with torch.no_grad():  # logged only: keep it out of the autograd graph
+                entropies.append(-(row_log_probs.exp() * row_log_probs).sum(-1))
     return torch.stack(logps), (torch.stack(entropies) if with_entropy else None)
 
 

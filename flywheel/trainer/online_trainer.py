@@ -192,9 +192,3 @@ class OnlineTrainer(Trainer):
             self._metrics_logged_step = self.state.global_step
             logs = {**logs, **self.metrics.summary("train", steps)}
         super().log(logs, start_time)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        # Rows are consumed whole (prompt + reward columns), never fed to model.forward.
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt"]
-
