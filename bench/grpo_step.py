@@ -79,7 +79,8 @@ def run_mode(mode: str, checkpoint: str, options: argparse.Namespace, workdir: P
     on_gpu = options.device.startswith("cuda")
     placement = {
         "none": {},
-        "colocate": dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=options.gpu_memory_utilization,
+        "colocate": dict(use_vllm=True, vllm_mode="colocate",
+                         vllm_gpu_memory_utilization=options.gpu_memory_utilization,
                          vllm_kv_cache_memory_gb=None if on_gpu else 1.0),
         "server": dict(use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=server_port,
                        vllm_group_port=free_port()),

@@ -40,8 +40,8 @@ def main() -> None:
     conversations = [[{"role": "user", "content": question}] for question in QUESTIONS] * 32
     ranker = (dict(reward_model=script_args.reward_model) if script_args.reward_model else
               dict(reward_funcs=char_fraction_reward("aeiou", name="vowel_fraction")))
-    trainer = OnlineDPOTrainer(model=model, args=training_args, train_dataset=Dataset.from_dict({"prompt": conversations}),
-                               **ranker)
+    dataset = Dataset.from_dict({"prompt": conversations})
+    trainer = OnlineDPOTrainer(model=model, args=training_args, train_dataset=dataset, **ranker)
     trainer.train()
     trainer.save_model(training_args.output_dir)
 

@@ -13,7 +13,8 @@ lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lo
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with launch_server(tiny_checkpoints["qwen2"], log_path=log_path, kv_cache_memory_gb=0.05, log_level="warning") as proc:
+    with launch_server(tiny_checkpoints["qwen2"], log_path=log_path, kv_cache_memory_gb=0.05,
+                       log_level="warning") as proc:
         yield proc.port
 
 

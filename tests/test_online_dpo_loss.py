@@ -39,7 +39,8 @@ def test_ipo_loss_matches_hand_computation():
 
 def test_sigmoid_gradient_favours_the_chosen_completion():
     chosen = torch.tensor(CHOSEN, requires_grad=True)
-    losses, _, _ = dpo_loss(chosen, torch.tensor(REJECTED), torch.tensor(REF_CHOSEN), torch.tensor(REF_REJECTED), beta=BETA)
+    losses, _, _ = dpo_loss(chosen, torch.tensor(REJECTED), torch.tensor(REF_CHOSEN), torch.tensor(REF_REJECTED),
+                            beta=BETA)
     losses.sum().backward()
     assert (chosen.grad < 0).all()  # descending the loss raises every chosen logp
 

@@ -42,7 +42,9 @@ class GRPOConfig(RolloutTrainingArguments):
         default=1,
         metadata={"help": "Updates per generation batch (μ in the GRPO paper); > 1 makes later updates off-policy."},
     )
-    epsilon: float = field(default=0.2, metadata={"help": "Lower clipping bound of the probability ratio: 1 - epsilon."})
+    epsilon: float = field(
+        default=0.2, metadata={"help": "Lower clipping bound of the probability ratio: 1 - epsilon."}
+    )
     epsilon_high: float | None = field(
         default=None,
         metadata={"help": "Upper clipping bound: 1 + epsilon_high (DAPO's clip-higher). Default: epsilon."},

@@ -17,7 +17,8 @@ class PairwiseJudge(ABC):
     """Ranks pairs of completions (TRL's interface, so TRL judges and LLM judges fit)."""
 
     @abstractmethod
-    def judge(self, prompts: Sequence[Any], completions: Sequence[Sequence[Any]], shuffle_order: bool = True) -> list[int]:
+    def judge(self, prompts: Sequence[Any], completions: Sequence[Sequence[Any]],
+              shuffle_order: bool = True) -> list[int]:
         """For each prompt and its pair of completions, the index (0 or 1) of the better one; -1 if undecided.
 
         `shuffle_order` asks a judge that could favour a position (an LLM) to see each pair in random order.
@@ -29,22 +30,25 @@ class RewardFunctionJudge(PairwiseJudge):
 
     def __init__(self, reward_funcs: RewardFunc | str | PreTrainedModel | Sequence[RewardFunc | str | PreTrainedModel],
                  reward_weights: Sequence[float] | None = None,
-                 processing_classes: PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase | None] | None = None) -> None:
+                 processing_classes: PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase | None] | None = None,
+                 ) -> None:
         self.reward_funcs = load_reward_funcs(reward_funcs, processing_classes)
         weights = list(reward_weights) if reward_weights is not None else [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions")
         self.weights = torch.tensor(weights, dtype=torch.float32)
 
-    def scores(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None,
-               columns: dict[str, Sequence[Any]] | None = None, **extra: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, prompts: Sequence[Any], completions: Sequence[Any],
+               completion_ids: Sequence[Sequence[int]] | None = None, columns: dict[str, Sequence[Any]] | None = None,
+               **extra: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(total score [N], per-function rewards [N, F]) of N completions; `columns` go to the functions."""
         if completion_ids is None:
             completion_ids = [[] for _ in completions]
         per_func = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, columns or {}, **extra)
         return combine_rewards(per_func, self.weights), per_func
 
-    def judge(self, prompts: Sequence[Any], completions: Sequence[Sequence[Any]], shuffle_order: bool = True) -> list[int]:
+    def judge(self, prompts: Sequence[Any], completions: Sequence[Sequence[Any]],
+              shuffle_order: bool = True) -> list[int]:
         flat_prompts = [prompt for prompt in prompts for _ in range(2)]
         flat_completions = [completion for pair in completions for completion in pair]
         totals, _ = self.scores(flat_prompts, flat_completions)
@@ -65,5 +69,6 @@ class RandomPairwiseJudge(PairwiseJudge):
     def __init__(self, seed: int | None = None) -> None:
         self.rng = random.Random(seed)
 
-    def judge(self, prompts: Sequence[Any], completions: Sequence[Sequence[Any]], shuffle_order: bool = True) -> list[int]:
+    def judge(self, prompts: Sequence[Any], completions: Sequence[Sequence[Any]],
+              shuffle_order: bool = True) -> list[int]:
         return [self.rng.randint(0, 1) for _ in prompts]

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 
-def token_logps_and_entropy(logits: torch.Tensor, token_ids: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_logps_and_entropy(logits: torch.Tensor, token_ids: torch.Tensor,
+                            with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log_softmax(logits) at `token_ids`, and the entropy of each distribution; row by row to bound memory.
 
     logits [B, T, V], token_ids [B, T] → ([B, T], [B, T] or None), in float32.

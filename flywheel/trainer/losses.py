@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def per_token_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """The k3 estimator of KL(π ‖ π_ref) per token: exp(r) − r − 1 with r = log π_ref − log π (always ≥ 0)."""
+    """The k3 estimator of KL(π ‖ π_ref) per token: exp(r) − r − 1, r = log π_ref − log π (always ≥ 0)."""
     log_ratio = ref_logps - logps
     return torch.exp(log_ratio) - log_ratio - 1
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -15,8 +14,6 @@ from flywheel.trainer.losses import dpo_loss
 from flywheel.trainer.online_dpo_config import OnlineDPOConfig
 from flywheel.trainer.online_trainer import Generated, OnlineTrainer, reference_model
 from flywheel.trainer.rewards import RewardFunc, RewardModelScorer
-
-logger = logging.getLogger(__name__)
 
 
 class OnlineDPOTrainer(OnlineTrainer):
@@ -95,7 +92,8 @@ class OnlineDPOTrainer(OnlineTrainer):
         batch["ref_logps"] = ref_logps
         return batch
 
-    def _rank(self, rows: list[dict[str, Any]], generated: Generated, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _rank(self, rows: list[dict[str, Any]], generated: Generated,
+              mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Whether the first completion of each pair wins, and each completion's score (None with a plain judge)."""
         device = self.accelerator.device
         if isinstance(self.judge, RewardFunctionJudge):

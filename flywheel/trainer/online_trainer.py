@@ -7,7 +7,6 @@ completion-length and phase-time metrics, and logging them with the Trainer's ow
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +27,6 @@ from flywheel.trainer.metrics import MetricsLog
 from flywheel.trainer.prompts import decode_completions, tokenize_prompts
 from flywheel.trainer.rollout import make_rollout
 from flywheel.trainer.rollout_config import RolloutTrainingArguments
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,7 +62,8 @@ def load_policy(model: str | PreTrainedModel, model_init_kwargs: dict[str, Any] 
     return model
 
 
-def reference_model(model_path: str | None, policy: PreTrainedModel, model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
+def reference_model(model_path: str | None, policy: PreTrainedModel,
+                    model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
     """A frozen copy of the initial policy (reloaded from its path, or deep-copied)."""
     ref = load_policy(model_path, model_init_kwargs) if model_path is not None else copy.deepcopy(policy)
     return ref.eval().requires_grad_(False)
@@ -161,7 +159,8 @@ class OnlineTrainer(Trainer):
         terminated = lengths[~truncated]
         self.metrics.add(mode, "completions/mean_terminated_length",
                          terminated.float().mean().item() if terminated.numel() else float("nan"))
-        self.metrics.add(mode, "num_tokens", (lengths.sum() + self.accelerator.gather(generated.prompt_mask.sum()).sum()).item())
+        prompt_tokens = self.accelerator.gather(generated.prompt_mask.sum()).sum()
+        self.metrics.add(mode, "num_tokens", (lengths.sum() + prompt_tokens).item())
 
     def log_mean(self, mode: str, name: str, value: torch.Tensor) -> None:
         """Log the mean over processes of a per-process scalar (NaN where a process had none)."""

@@ -22,7 +22,8 @@ def prompt_text(prompt: str | list[dict[str, str]], tokenizer: PreTrainedTokeniz
     return prompt
 
 
-def tokenize_prompts(prompts: Sequence[Any], tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None) -> list[list[int]]:
+def tokenize_prompts(prompts: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
+                     max_prompt_length: int | None) -> list[list[int]]:
     """Token ids of each prompt, keeping the last `max_prompt_length` tokens of long ones."""
     texts = [prompt_text(prompt, tokenizer) for prompt in prompts]
     # The chat template already carries any BOS token; plain prompts are taken as written (as TRL does).

@@ -143,7 +143,8 @@ def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> to
     return (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(rewards: torch.Tensor, num_generations: int,
+                     scale_rewards: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages = reward − mean of its group of `num_generations`, divided by a std per `scale_rewards`.
 
     `rewards` is [N] with the groups contiguous. Returns (advantages [N], group std [N]); 'group'

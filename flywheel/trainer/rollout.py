@@ -159,7 +159,8 @@ class ColocateRollout(Rollout):
         self.settings = settings
         self.enable_sleep = args.vllm_enable_sleep_mode
         model_path, self._tmpdir = _checkpoint_path(model, processing_class)
-        dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else str(next(model.parameters()).dtype).removeprefix("torch.")
+        model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else model_dtype
         self.llm = LLM(
             model=model_path, dtype=dtype, device=str(accelerator.device), max_model_len=max_model_len,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization, kv_cache_memory_gb=args.vllm_kv_cache_memory_gb,
@@ -268,7 +269,8 @@ class ServerRollout(Rollout):
             self.client.close_communicator()
 
 
-def _checkpoint_path(model: nn.Module, processing_class: PreTrainedTokenizerBase) -> tuple[str, tempfile.TemporaryDirectory | None]:
+def _checkpoint_path(model: nn.Module,
+                     processing_class: PreTrainedTokenizerBase) -> tuple[str, tempfile.TemporaryDirectory | None]:
     """A directory the engine can load the model's architecture from (its own, or a saved copy).
 
     The engine's weights are overwritten by the first `sync_weights`, so only the architecture and

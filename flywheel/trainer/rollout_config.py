@@ -46,14 +46,16 @@ class RolloutTrainingArguments(TrainingArguments):
     # Sampling.
     max_prompt_length: int | None = field(
         default=512,
-        metadata={"help": "Prompts longer than this many tokens keep their last tokens (left truncation). None: no limit."},
+        metadata={"help": "Prompts longer than this keep their last tokens (left truncation). None: no limit."},
     )
     max_completion_length: int = field(default=256, metadata={"help": "Most tokens generated per completion."})
     temperature: float = field(
         default=1.0,
         metadata={"help": "Sampling temperature (> 0); the trainer's logprobs use the same temperature."},
     )
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens of mass top_p."})
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens of mass top_p."}
+    )
     top_k: int = field(default=0, metadata={"help": "Keep only the k most likely tokens; 0 or -1 disables."})
     min_p: float = field(
         default=0.0,
@@ -114,7 +116,7 @@ class RolloutTrainingArguments(TrainingArguments):
     )
     vllm_enable_sleep_mode: bool = field(
         default=True,
-        metadata={"help": "Colocate: release the engine's KV cache while training and re-allocate it before generating."},
+        metadata={"help": "Colocate: free the engine's KV cache while training and re-allocate it before generating."},
     )
 
     # Logging.
@@ -159,7 +161,8 @@ class RolloutTrainingArguments(TrainingArguments):
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.vllm_tensor_parallel_size < 1:
             raise ValueError(f"vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}")
-        if self.use_vllm and self.vllm_mode == "colocate" and self.vllm_tensor_parallel_size > 1 and self.world_size > 1:
+        colocated = self.use_vllm and self.vllm_mode == "colocate"
+        if colocated and self.vllm_tensor_parallel_size > 1 and self.world_size > 1:
             raise ValueError(
                 "vllm_tensor_parallel_size > 1 in colocate mode needs a single training process; "
                 f"got {self.world_size} processes. Use vllm_mode='server' for a tensor-parallel engine."

@@ -36,7 +36,10 @@ class RepeatSampler(Sampler[int]):
             )
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.num_samples, generator=self.generator).tolist() if self.shuffle else list(range(self.num_samples))
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=self.generator).tolist()
+        else:
+            order = list(range(self.num_samples))
         usable = self.num_samples - self.num_samples % self.batch_size
         for start in range(0, usable, self.batch_size):
             chunk = order[start : start + self.batch_size]
