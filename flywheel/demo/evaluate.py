@@ -1,0 +1,44 @@
+"""Held-out accuracy of a checkpoint on the demo task, generated through flywheel's engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flywheel.demo.task import Problem, parse_answer
+from flywheel.engine.llm import LLM
+from flywheel.engine.sampling import SamplingParams
+
+MAX_ANSWER_TOKENS = 8
+NUM_SAMPLES = 8
+
+
+@dataclass
+class Accuracy:
+    """Exact-match accuracy on held-out problems: greedy, per sample at temperature 1, and pass@k."""
+
+    greedy: float
+    sampled: float
+    pass_at_k: float
+    num_problems: int
+    k: int = NUM_SAMPLES
+
+
+def heldout_accuracy(model_path: str, problems: list[Problem], seed: int = 0) -> Accuracy:
+    """Answer every problem greedily and `NUM_SAMPLES` times at temperature 1 with the engine on the CPU."""
+    llm = LLM(model=model_path, dtype="float32", device="cpu", seed=seed, kv_cache_memory_gb=0.1)
+    prompts = [problem.prompt for problem in problems]
+    greedy_outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_ANSWER_TOKENS))
+    sampled_outputs = llm.generate(prompts, SamplingParams(n=NUM_SAMPLES, temperature=1.0, max_tokens=MAX_ANSWER_TOKENS))
+    greedy_correct = [
+        parse_answer(output.outputs[0].text) == problem.answer for output, problem in zip(greedy_outputs, problems)
+    ]
+    sampled_correct = [
+        [parse_answer(completion.text) == problem.answer for completion in output.outputs]
+        for output, problem in zip(sampled_outputs, problems)
+    ]
+    return Accuracy(
+        greedy=sum(greedy_correct) / len(problems),
+        sampled=sum(map(sum, sampled_correct)) / (len(problems) * NUM_SAMPLES),
+        pass_at_k=sum(map(any, sampled_correct)) / len(problems),
+        num_problems=len(problems),
+    )
