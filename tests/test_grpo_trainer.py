@@ -61,7 +61,7 @@ def test_conversational_prompts_columns_none_rewards_and_a_reward_model(tiny_che
     dataset = Dataset.from_dict({"prompt": prompts, "target": [f"t{i}" for i in range(8)]})
     args = learning_args(tmp_path, per_device_train_batch_size=8, num_generations=4, max_steps=2, beta=0.1,
                          loss_type="grpo", reward_weights=[1.0, 0.5], max_prompt_length=12,
-                         log_completions=True, num_completions_to_print=2)
+                         log_completions=True, num_completions_to_print=2, mask_truncated_completions=True)
     trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=[echo_target, tiny_checkpoints["qwen2_b"]],
                           args=args, train_dataset=dataset)
     trainer.train()

@@ -151,14 +151,17 @@ class ColocateRollout(Rollout):
     while training and re-allocated before generating.
     """
 
-    def __init__(self, model: nn.Module, processing_class: PreTrainedTokenizerBase, args: RolloutTrainingArguments,
-                 settings: SamplingSettings, accelerator: Accelerator, max_model_len: int | None) -> None:
+    def __init__(self, model: nn.Module, model_path: str | None, processing_class: PreTrainedTokenizerBase,
+                 args: RolloutTrainingArguments, settings: SamplingSettings, accelerator: Accelerator,
+                 max_model_len: int | None) -> None:
         super().__init__()
         from flywheel import LLM
 
         self.settings = settings
         self.enable_sleep = args.vllm_enable_sleep_mode
-        model_path, self._tmpdir = _checkpoint_path(model, processing_class)
+        self._tmpdir = None
+        if model_path is None:
+            model_path, self._tmpdir = _checkpoint_path(model, processing_class)
         model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else model_dtype
         self.llm = LLM(
@@ -298,5 +301,5 @@ def make_rollout(args: RolloutTrainingArguments, model: nn.Module, processing_cl
     if not args.use_vllm:
         return TransformersRollout(model, settings, processing_class.pad_token_id, eos_token_ids, accelerator.device)
     if args.vllm_mode == "colocate":
-        return ColocateRollout(model, processing_class, args, settings, accelerator, max_model_len)
+        return ColocateRollout(model, model_path, processing_class, args, settings, accelerator, max_model_len)
     return ServerRollout(args, settings, accelerator, model_from_server_checkpoint=model_path is not None)
