@@ -141,18 +141,28 @@ def test_server_keeps_serving_after_bad_requests(client, offline):
     assert client.generate(["hello"], **GREEDY)["completion_ids"] == completion_ids(offline, ["hello"], **GREEDY)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(payload=st.dictionaries(
-    st.sampled_from(["prompts", "n", "temperature", "top_p", "top_k", "max_tokens", "logprobs", "stop", "seed"]),
-    st.one_of(st.none(), st.integers(-5, 40), st.floats(allow_nan=True), st.text(max_size=4),
-              st.lists(st.one_of(st.text(max_size=3), st.lists(st.integers(-3, 300), max_size=3)), max_size=3)),
+FUZZ_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 40), st.integers(), st.floats(allow_nan=True), st.text(max_size=4),
+    st.lists(st.one_of(st.text(max_size=3), st.lists(st.integers(-3, 300), max_size=3)), max_size=3),
+)
+FUZZ_FIELDS = ["prompts", "n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "logprobs", "stop", "seed",
+               "repetition_penalty", "truncate_prompt_tokens"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.dictionaries(st.sampled_from(FUZZ_FIELDS), FUZZ_VALUES).flatmap(
+    lambda fields: st.dictionaries(
+        st.sampled_from(["min_tokens", "ignore_eos", "stop_token_ids", "logprobs_mode", "presence_penalty",
+                         "frequency_penalty", "skip_special_tokens", "max_tokens", "logprobs", "top_k"]),
+        FUZZ_VALUES, max_size=3,
+    ).map(lambda extra: {**fields, "generation_kwargs": extra} if extra else fields)
 ))
 def test_fuzzed_generate_requests_never_crash_the_server(client, payload):
     body = payload if "prompts" in payload else {"prompts": ["a"], **payload}
     # json.dumps writes NaN/Infinity, which strict JSON parsers refuse: that is part of the fuzz.
     response = client.http.post("/generate", content=json.dumps(body), headers={"content-type": "application/json"})
 
-    assert response.status_code in (200, 400, 422), response.text
+    assert response.status_code in (200, 400, 422), (payload, response.text)
     assert client.http.get("/health").status_code == 200
 
 

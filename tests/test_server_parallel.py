@@ -50,6 +50,8 @@ def test_greedy_generate_matches_offline_llm_in_order(client, references):
     out = client.generate(PROMPTS, n=2, **GREEDY)
 
     assert out["completion_ids"] == [ids for ids in references["qwen2"] for _ in range(2)]
+    engines = client.http.get("/stats").json()["engines"]
+    assert all(engine["generated_tokens"] > 0 for engine in engines)  # with dp=2, both engines took prompts
 
 
 def test_pushed_weights_reach_every_rank(client, references, tiny_checkpoints):

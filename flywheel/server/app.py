@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.name != "extra"}
 _DISCONNECT_POLL_S = 0.25
+MIN_TEMPERATURE = 1e-3
+MAX_LOGPROBS = 20
 
 
 class ClientGone(Exception):
@@ -89,6 +91,11 @@ class ServerState:
         params.update(extra)
         if params["n"] > self.options.max_n:
             raise HTTPException(400, f"n: {params['n']} is more than this server's limit {self.options.max_n}")
+        if 0.0 < params["temperature"] < MIN_TEMPERATURE:
+            raise HTTPException(400, f"temperature: {params['temperature']} overflows the logits; use 0 for greedy "
+                                     f"or at least {MIN_TEMPERATURE}")
+        if params["logprobs"] is not None and not 0 <= params["logprobs"] <= MAX_LOGPROBS:
+            raise HTTPException(400, f"logprobs: must be in 0..{MAX_LOGPROBS} (or null), got {params['logprobs']}")
         limit = self.options.max_tokens_limit
         if limit is not None and (params["max_tokens"] is None or params["max_tokens"] > limit):
             raise HTTPException(400, f"max_tokens: {params['max_tokens']} is more than this server's limit {limit}")
@@ -176,8 +183,9 @@ def create_app(state: ServerState) -> FastAPI:
         for problem in error.errors():
             location = [str(p) for p in problem["loc"] if p != "body"]
             parts.append(f"{'.'.join(location) or 'body'}: {problem['msg']}")
-        return JSONResponse(status_code=422, content={"detail": "; ".join(parts),
-                                                      "errors": jsonable_encoder(error.errors(), exclude={"ctx"})})
+        # Only loc/msg/type: the offending input may not even be JSON (NaN, Infinity).
+        errors = [{key: problem[key] for key in ("loc", "msg", "type")} for problem in error.errors()]
+        return JSONResponse(status_code=422, content={"detail": "; ".join(parts), "errors": jsonable_encoder(errors)})
 
     @app.exception_handler(WorkerDied)
     async def _worker_died(request: Request, error: WorkerDied) -> JSONResponse:

@@ -108,6 +108,7 @@ def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
 
     engine = llm.engine
     parent = os.getppid()
+    in_flight: set[str] = set()
     while True:
         if os.getppid() != parent:
             logger.warning("the server process is gone; exiting")
@@ -131,11 +132,13 @@ def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
                 for request_id, prompt_ids, params in message[1]:
                     try:
                         engine.add_request(request_id, prompt_ids, SamplingParams(**params))
+                        in_flight.add(request_id)
                     except Exception as error:
                         outbox.put(("rejected", dp_rank, request_id, f"{error}"))
             elif kind == "abort":
                 for request_id in message[1]:
                     engine.abort_request(request_id)
+                    in_flight.discard(request_id)
             elif kind == "call":
                 _, call_id, name, args = message
                 try:
@@ -144,7 +147,17 @@ def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
                     logger.exception("%s failed", name)
                     outbox.put(("reply", dp_rank, call_id, False, f"{type(error).__name__}: {error}"))
         if engine.has_unfinished_requests():
-            finished = engine.step()
+            try:
+                finished = engine.step()
+            except Exception as error:
+                # Fail the requests in flight rather than the whole server; the traceback goes to the log.
+                logger.exception("an engine step failed; aborting the %d requests in flight", len(in_flight))
+                for request_id in in_flight:
+                    engine.abort_request(request_id)
+                    outbox.put(("failed", dp_rank, request_id, f"the engine failed: {type(error).__name__}: {error}"))
+                in_flight.clear()
+                continue
+            in_flight.difference_update(output.request_id for output in finished)
             if finished:
                 outbox.put(("outputs", dp_rank, [output_to_wire(output) for output in finished]))
 
@@ -405,6 +418,8 @@ class WorkerPool:
                     self._resolve(self._pending.get(output["request_id"]), output)
             elif kind == "rejected":
                 self._resolve(self._pending.get(message[2]), EngineRejected(message[3]))
+            elif kind == "failed":
+                self._resolve(self._pending.get(message[2]), RuntimeError(message[3]))
             elif kind == "reply":
                 _, _, call_id, ok, payload = message
                 with self._lock:
