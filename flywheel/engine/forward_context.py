@@ -8,6 +8,8 @@ from types import ModuleType
 
 import torch
 
+from flywheel.engine.shared_prefix import SharedPrefixLayout, decode_attention_shared_prefix
+
 
 @dataclass
 class ForwardContext:
@@ -20,6 +22,7 @@ class ForwardContext:
     cu_seqlens_q: torch.Tensor | None = None  # [B + 1] int32, prefill only
     max_seq_len: int | None = None
     max_q_len: int | None = None
+    shared_prefix: SharedPrefixLayout | None = None  # decode on the PyTorch path only
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer]
@@ -28,6 +31,8 @@ class ForwardContext:
             return self.backend.prefill_attention(
                 q, k_cache, v_cache, self.cu_seqlens_q, self.seq_lens, self.block_tables, scale, max_q_len=self.max_q_len
             )
+        if self.shared_prefix is not None:
+            return decode_attention_shared_prefix(q, k_cache, v_cache, self.shared_prefix, scale)
         return self.backend.decode_attention(
             q, k_cache, v_cache, self.seq_lens, self.block_tables, scale, max_seq_len=self.max_seq_len
         )

@@ -19,6 +19,7 @@ from flywheel.engine.distributed import TensorParallelGroup
 from flywheel.engine.forward_context import ForwardContext
 from flywheel.engine.models.registry import model_class
 from flywheel.engine.scheduler import ScheduledBatch
+from flywheel.engine.shared_prefix import SharedPrefixLayout
 from flywheel.engine.weights import checkpoint_weights
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class StepInputs:
     max_seq_len: int = 0
     max_q_len: int = 0
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    shared_prefix: SharedPrefixLayout | None = None
 
 
 def checkpoint_dtype(hf_config) -> torch.dtype | None:
@@ -235,7 +237,15 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             max_q_len=1,
             block_copies=batch.block_copies,
+            shared_prefix=self._shared_prefix(batch, seq_lens),
         )
+
+    def _shared_prefix(self, batch: ScheduledBatch, seq_lens: list[int]) -> SharedPrefixLayout | None:
+        # The Triton decode kernel reads the cache at the GPU's bandwidth; on the CPU, reading a
+        # shared prompt once per group instead of once per completion is the larger win.
+        if self.backend is not attention:
+            return None
+        return SharedPrefixLayout.from_block_tables([seq.block_table for seq in batch.seqs], seq_lens, self.block_size)
 
     @staticmethod
     def _block_tables(batch: ScheduledBatch) -> torch.Tensor:
@@ -265,6 +275,7 @@ class ModelRunner:
             cu_seqlens_q=None if inputs.cu_seqlens_q is None else inputs.cu_seqlens_q.to(device, non_blocking=True),
             max_seq_len=inputs.max_seq_len,
             max_q_len=inputs.max_q_len,
+            shared_prefix=inputs.shared_prefix,
         )
         hidden = self.model(input_ids, positions, context)
         hidden = hidden[inputs.logits_indices.to(device, non_blocking=True)]
