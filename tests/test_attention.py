@@ -1,0 +1,73 @@
+"""The PyTorch attention paths over the paged cache against plain attention on contiguous tensors."""
+
+import torch
+
+from flywheel.engine import attention
+from flywheel.engine.shared_prefix import SharedPrefixLayout, decode_attention_shared_prefix
+
+BLOCK, KV_HEADS, HEADS, DIM = 4, 2, 6, 8
+
+
+def random_cache(num_blocks=64):
+    return torch.randn(num_blocks, BLOCK, KV_HEADS, DIM), torch.randn(num_blocks, BLOCK, KV_HEADS, DIM)
+
+
+def dense_attention(q, keys, values, scale):
+    """One query ``[H, D]`` over ``keys``/``values`` ``[L, KVH, D]``, in float64."""
+    keys = keys.double().repeat_interleave(HEADS // KV_HEADS, dim=1)
+    values = values.double().repeat_interleave(HEADS // KV_HEADS, dim=1)
+    weights = torch.softmax(torch.einsum("hd,lhd->hl", q.double(), keys) * scale, dim=-1)
+    return torch.einsum("hl,lhd->hd", weights, values).float()
+
+
+def test_shared_prefix_decode_equals_plain_attention():
+    torch.manual_seed(0)
+    k_cache, v_cache = random_cache()
+    blocks = iter(torch.randperm(64).tolist())
+    shared_a = [next(blocks) for _ in range(3)]
+    shared_b = [next(blocks) for _ in range(1)]
+    tables = [shared_a + [next(blocks)] for _ in range(3)]  # three rows share 3 blocks
+    tables += [shared_b + [next(blocks), next(blocks)] for _ in range(2)]  # two rows share 1 block
+    tables += [[next(blocks), next(blocks)]]  # a row alone
+    seq_lens = [13, 15, 16, 10, 12, 7]
+    layout = SharedPrefixLayout.from_block_tables(tables, seq_lens, BLOCK)
+    assert layout.group_rows.shape == (2, 3) and layout.group_lens.tolist() == [12, 4]
+
+    q = torch.randn(len(tables), HEADS, DIM)
+    got = decode_attention_shared_prefix(q, k_cache, v_cache, layout, DIM**-0.5)
+    padded = torch.tensor([t + [-1] * (4 - len(t)) for t in tables], dtype=torch.int32)
+    plain = attention.decode_attention(q, k_cache, v_cache, torch.tensor(seq_lens), padded, DIM**-0.5)
+    for row, (table, length) in enumerate(zip(tables, seq_lens)):
+        keys = attention.gather_kv(k_cache, padded[row : row + 1], length)[0]
+        values = attention.gather_kv(v_cache, padded[row : row + 1], length)[0]
+        expected = dense_attention(q[row], keys, values, DIM**-0.5)
+        assert torch.allclose(got[row], expected, atol=1e-5)
+        assert torch.allclose(plain[row], expected, atol=1e-5)
+
+
+def test_no_layout_without_sharing():
+    assert SharedPrefixLayout.from_block_tables([[1, 2], [3, 4]], [6, 7], BLOCK) is None
+
+
+def test_prefill_with_cached_prefix_equals_plain_attention():
+    torch.manual_seed(1)
+    k_cache, v_cache = random_cache()
+    table = torch.tensor([[5, 9, 2, 40]], dtype=torch.int32)
+    seq_len, new = 14, 5  # 9 cached positions, 5 new queries
+    q = torch.randn(new, HEADS, DIM)
+    out = attention.prefill_attention(
+        q, k_cache, v_cache, torch.tensor([0, new], dtype=torch.int32), torch.tensor([seq_len]), table, DIM**-0.5
+    )
+    keys = attention.gather_kv(k_cache, table, seq_len)[0]
+    values = attention.gather_kv(v_cache, table, seq_len)[0]
+    for i in range(new):
+        visible = seq_len - new + i + 1
+        assert torch.allclose(out[i], dense_attention(q[i], keys[:visible], values[:visible], DIM**-0.5), atol=1e-5)
+
+
+def test_store_kv_writes_slots_and_skips_minus_one():
+    k_cache, v_cache = torch.zeros(4, BLOCK, KV_HEADS, DIM), torch.zeros(4, BLOCK, KV_HEADS, DIM)
+    k, v = torch.randn(3, KV_HEADS, DIM), torch.randn(3, KV_HEADS, DIM)
+    attention.store_kv(k, v, k_cache, v_cache, torch.tensor([5, -1, 12]))
+    assert torch.equal(k_cache[1, 1], k[0]) and torch.equal(v_cache[3, 0], v[2])
+    assert int((k_cache != 0).any(-1).any(-1).sum()) == 2
