@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -120,6 +121,8 @@ def main() -> None:
     on_gpu = args.device == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     backend = "nccl" if on_gpu else "gloo"
+    # In this process (and the raw baseline's), cuda:i is the i-th visible GPU: the server's ranks
+    # take the first tp*dp of them and the client the next one.
     client_device = torch.device(f"cuda:{ranks}") if on_gpu else torch.device("cpu")
     server_devices = [f"cuda:{i}" for i in range(ranks)] if on_gpu else ["cpu"] * ranks
     bucket_bytes = int(args.bucket_mb * 2**20)
@@ -135,7 +138,8 @@ def main() -> None:
         total_bytes = sum(p.numel() * p.element_size() for _, p in named)
 
         raw = raw_broadcast_seconds(bucket_sizes, ranks, backend, server_devices, client_device, args.repeats)
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(ranks))} if on_gpu else {}
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(visible.split(",")[:ranks])} if on_gpu else {}
         server_options = dict(tensor_parallel_size=args.tp, data_parallel_size=args.dp, max_model_len=256)
         if not on_gpu:
             server_options["kv_cache_memory_gb"] = 0.05

@@ -48,3 +48,15 @@ def test_help_lists_the_options_with_their_help(command, capsys):
     for option in ("--tensor_parallel_size", "--data_parallel_size", "--enable_prefix_caching", "--api_key"):
         assert option in help_text
     assert "Processes (GPUs) per engine" in help_text
+
+
+def test_each_engine_gets_its_slice_of_the_visible_gpus(monkeypatch):
+    from flywheel.server.workers import WorkerPool
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7,9")
+    options = parse_options(["--model", "m", "--tensor-parallel-size", "2", "--data-parallel-size", "2"])
+    assert WorkerPool(options)._device_slices() == ["3,5", "7,9"]
+
+    too_many = parse_options(["--model", "m", "--tensor-parallel-size", "3", "--data-parallel-size", "2"])
+    with pytest.raises(ValueError, match="6 GPUs are needed, but only 4"):
+        WorkerPool(too_many)._device_slices()

@@ -190,7 +190,10 @@ def _call_init_communicator(dp_rank, options, llm, host, port, world_size, backe
 def _call_update_weights(dp_rank, options, llm, buckets):
     from flywheel import weight_sync
 
+    start = time.perf_counter()
     errors = [e for e in llm.engine.collective_rpc(weight_sync.rpc_receive_and_load, buckets) if e]
+    logger.info("weight update: %.1f MiB in %d bucket(s) received and loaded in %.3fs",
+                sum(b.nbytes for b in buckets) / 2**20, len(buckets), time.perf_counter() - start)
     try:
         llm.reset_prefix_cache()
     except Exception as error:
