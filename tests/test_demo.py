@@ -58,7 +58,9 @@ def test_bad_option_value_says_what_to_fix(capsys):
 def test_short_demo_writes_real_numbers(tmp_path):
     output_dir = tmp_path / "demo"
 
-    assert cli.main(["--max-steps", "2", "--eval-problems", "16", "--output-dir", str(output_dir), "--seed", "1"]) == 0
+    argv = ["--max-steps", "2", "--eval-problems", "16", "--output-dir", str(output_dir), "--seed", "1",
+            "--report-to", "tensorboard"]
+    assert cli.main(argv) == 0
 
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     train_logs = [record for record in records if "reward" in record]
@@ -76,3 +78,4 @@ def test_short_demo_writes_real_numbers(tmp_path):
     assert results["wall_seconds"] > 0
     assert (output_dir / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (output_dir / "model" / "model.safetensors").exists()
+    assert list((output_dir / "runs").glob("*/events.out.tfevents.*"))

@@ -56,8 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--report-to", default="none",
-        help="where the trainer also sends its logs, as transformers' report_to: none, tensorboard, wandb, all "
-        "(default none; metrics.jsonl is always written)",
+        help="where the trainer also sends its logs, as transformers' report_to: none, tensorboard (under "
+        "OUTPUT_DIR/runs), wandb, all (default none; metrics.jsonl is always written)",
     )
     args = parser.parse_args(argv)
     if args.max_steps < 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flywheel.demo.task import Problem, parse_answer
+from flywheel.demo.task import Problem, exact_match_reward
 from flywheel.engine.llm import LLM
 from flywheel.engine.sampling import SamplingParams
 
@@ -29,16 +29,15 @@ def heldout_accuracy(model_path: str, problems: list[Problem], seed: int = 0) ->
     prompts = [problem.prompt for problem in problems]
     greedy_outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_ANSWER_TOKENS))
     sampled_outputs = llm.generate(prompts, SamplingParams(n=NUM_SAMPLES, temperature=1.0, max_tokens=MAX_ANSWER_TOKENS))
-    greedy_correct = [
-        parse_answer(output.outputs[0].text) == problem.answer for output, problem in zip(greedy_outputs, problems)
-    ]
+    answers = [problem.answer for problem in problems]
+    greedy_correct = exact_match_reward([output.outputs[0].text for output in greedy_outputs], answers)
     sampled_correct = [
-        [parse_answer(completion.text) == problem.answer for completion in output.outputs]
-        for output, problem in zip(sampled_outputs, problems)
+        exact_match_reward([completion.text for completion in output.outputs], [answer] * NUM_SAMPLES)
+        for output, answer in zip(sampled_outputs, answers)
     ]
     return Accuracy(
         greedy=sum(greedy_correct) / len(problems),
         sampled=sum(map(sum, sampled_correct)) / (len(problems) * NUM_SAMPLES),
-        pass_at_k=sum(map(any, sampled_correct)) / len(problems),
+        pass_at_k=sum(map(max, sampled_correct)) / len(problems),
         num_problems=len(problems),
     )
