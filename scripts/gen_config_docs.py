@@ -112,12 +112,10 @@ def class_section(cls: type, usage: str) -> str:
 
 
 def render(config_classes: list[tuple[str, str, str]] = CONFIG_CLASSES) -> str:
-    sections = [HEADER]
-    for module_name, class_name, usage in config_classes:
-        cls = load_class(module_name, class_name)
-        if cls is not None:
-            sections.append(class_section(cls, usage))
-    return "\n".join(sections)
+    found = [(cls, usage) for module_name, class_name, usage in config_classes
+             if (cls := load_class(module_name, class_name)) is not None]
+    contents = " · ".join(f"[{cls.__name__}](#{cls.__name__.lower()})" for cls, _ in found)
+    return "\n".join([HEADER, contents + "\n", *(class_section(cls, usage) for cls, usage in found)])
 
 
 def main(argv: list[str] | None = None) -> int:
