@@ -132,6 +132,9 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(client_device)
+        with torch.no_grad():  # like a trainer's weights: own memory, not pages mapped from the checkpoint
+            for param in model.parameters():
+                param.data = param.data.clone()
         named = list(model.named_parameters())
         specs = [ParamSpec(name, dtype_name(p.dtype), tuple(p.shape)) for name, p in named]
         bucket_sizes = [bucket.nbytes for bucket in plan_buckets(specs, bucket_bytes)]
