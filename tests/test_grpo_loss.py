@@ -18,36 +18,39 @@ IS_WEIGHTS = [[1.0, 0.9, 1.2, 2.0], [0.5, 1.0, 1.1, 1.0], [1.3, 0.8, 1.0, 1.0]]
 EPS_LOW, EPS_HIGH, BETA, MAX_LEN = 0.2, 0.28, 0.04, 6
 
 
-def hand_token_losses(beta: float, with_is: bool) -> list[list[float]]:
+def hand_token_losses(beta: float, with_is: bool, advantages=ADVANTAGES, logps=LOGPS, old=OLD_LOGPS, ref=REF_LOGPS,
+                      weights=IS_WEIGHTS) -> list[list[float]]:
     """Per-token loss, one token at a time, straight from the GRPO objective."""
     losses = []
-    for i in range(3):
+    for i in range(len(logps)):
         row = []
-        for t in range(4):
-            ratio = math.exp(LOGPS[i][t] - OLD_LOGPS[i][t])
+        for t in range(len(logps[i])):
+            ratio = math.exp(logps[i][t] - old[i][t])
             clipped = min(max(ratio, 1 - EPS_LOW), 1 + EPS_HIGH)
-            loss = -min(ratio * ADVANTAGES[i], clipped * ADVANTAGES[i])
+            loss = -min(ratio * advantages[i], clipped * advantages[i])
             if with_is:
-                loss *= IS_WEIGHTS[i][t]
+                loss *= weights[i][t]
             if beta:
-                r = REF_LOGPS[i][t] - LOGPS[i][t]
+                r = ref[i][t] - logps[i][t]
                 loss += beta * (math.exp(r) - r - 1)
             row.append(loss)
         losses.append(row)
     return losses
 
 
-def hand_loss(loss_type: str, beta: float = 0.0, with_is: bool = False, num_items: float | None = None) -> float:
-    token_losses = hand_token_losses(beta, with_is)
-    masked_rows = [[l for l, m in zip(row, mask_row) if m] for row, mask_row in zip(token_losses, MASK)]
+def hand_loss(loss_type: str, beta: float = 0.0, with_is: bool = False, num_items: float | None = None,
+              mask=MASK, **data) -> float:
+    token_losses = hand_token_losses(beta, with_is, **data)
+    masked_rows = [[l for l, m in zip(row, mask_row) if m] for row, mask_row in zip(token_losses, mask)]
     total = sum(sum(row) for row in masked_rows)
     num_tokens = sum(len(row) for row in masked_rows)
+    rows = len(masked_rows)
     if loss_type == "grpo":
-        return sum(sum(row) / len(row) for row in masked_rows) / 3
+        return sum(sum(row) / len(row) for row in masked_rows) / rows
     if loss_type == "bnpo":
         return total / num_tokens
     if loss_type == "dr_grpo":
-        return total / (3 * MAX_LEN)
+        return total / (rows * MAX_LEN)
     if loss_type == "dapo":
         return total / (num_items if num_items is not None else num_tokens)
     raise AssertionError(loss_type)
@@ -159,3 +162,27 @@ def test_rewards_receive_columns_and_none_is_skipped_in_the_weighted_sum():
     assert torch.isnan(per_func[1, 1])
     total = combine_rewards(per_func, torch.tensor([2.0, 0.5]))
     assert total.tolist() == [2.0 * 1 + 0.5 * 1, 2.0 * 2]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_loss_from_rewards_matches_hand_computation(loss_type):
+    # Two groups of two completions: rewards -> group-normalised advantages -> clipped, KL-penalised loss.
+    rewards = [1.0, 0.25, 0.0, 2.0]
+    logps = LOGPS + [[-0.6, -0.2, -1.3, -0.8]]
+    old = OLD_LOGPS + [[-0.9, -0.2, -1.0, -0.8]]
+    ref = REF_LOGPS + [[-0.5, -0.3, -1.1, -0.9]]
+    mask = MASK + [[1, 1, 1, 0]]
+    advantages = []
+    for group in (rewards[:2], rewards[2:]):
+        mean = sum(group) / 2
+        for r in group:
+            advantages.append((r - mean) / (hand_std(group) + 1e-4))
+    expected = hand_loss(loss_type, beta=BETA, mask=mask, advantages=advantages, logps=logps, old=old, ref=ref)
+
+    computed_advantages, _ = group_advantages(torch.tensor(rewards, dtype=torch.float64), 2, "group")
+    loss, _ = grpo_loss(
+        torch.tensor(logps, dtype=torch.float64), torch.tensor(old, dtype=torch.float64), computed_advantages,
+        torch.tensor(mask), loss_type=loss_type, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, beta=BETA,
+        ref_logps=torch.tensor(ref, dtype=torch.float64), max_completion_length=MAX_LEN,
+    )
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
