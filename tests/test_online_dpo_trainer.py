@@ -50,8 +50,8 @@ def test_scores_rise_with_a_colocated_engine(tiny_checkpoints, tmp_path):
 def test_scores_rise_with_a_server(tiny_checkpoints, tmp_path):
     with launch_server(tiny_checkpoints["qwen2"], log_path=tmp_path / "server.log", kv_cache_memory_gb=0.05,
                        log_level="warning") as server:
-        args = dpo_args(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1",
-                        vllm_server_port=server.port, vllm_group_port=free_port())
+        args = dpo_args(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_url=server.base_url,
+                        vllm_group_port=free_port())
         train_and_check_scores_rise(tiny_checkpoints["qwen2"], args)
 
 
