@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from flywheel.demo import cli
 from flywheel.demo.make_base_model import BASE_MODEL_DIR, warm_up_answer
@@ -60,7 +61,9 @@ def test_short_demo_writes_real_numbers(tmp_path):
 
     argv = ["--max-steps", "2", "--eval-problems", "16", "--output-dir", str(output_dir), "--seed", "1",
             "--report-to", "tensorboard"]
+    threads = torch.get_num_threads()
     assert cli.main(argv) == 0
+    assert torch.get_num_threads() == threads  # the demo's single thread does not leak into the caller
 
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     train_logs = [record for record in records if "reward" in record]
