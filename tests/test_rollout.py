@@ -74,3 +74,14 @@ def test_weights_are_pushed_only_when_the_version_changed():
     model = torch.nn.Linear(2, 2)
     assert [rollout.sync_weights(model, v) for v in (0, 0, 1, 1, 1, 2)] == [True, False, True, False, False, True]
     assert rollout.pushes == 3
+
+
+def test_transformers_rollout_ignores_the_checkpoints_generation_config(tiny_checkpoints):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"])
+    model.generation_config.top_k = 1  # greedy if generate fell back to it
+    model.generation_config.repetition_penalty = 5.0
+    rollout = TransformersRollout(model, SamplingSettings(max_tokens=4), pad_token_id=256, eos_token_ids=[258],
+                                  device=torch.device("cpu"))
+    torch.manual_seed(0)
+    completions = rollout.generate([[72, 105]] * 16).completion_ids
+    assert len({tuple(ids) for ids in completions}) > 1

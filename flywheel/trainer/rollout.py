@@ -128,9 +128,10 @@ class TransformersRollout(Rollout):
     def _generate_chunk(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[bool]]:
         input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id, self.device)
         s = self.settings
-        # top_k=0 spelled out: left unset, `generate` would apply the generation config's default of 50.
+        # Every field spelled out: left unset, `generate` would take the checkpoint's generation_config
+        # (Qwen ships top_k=20, top_p=0.8, ...) and sample from another distribution than the trainer scores.
         sampling = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0),
-                        min_p=s.min_p or None, repetition_penalty=s.repetition_penalty)
+                        min_p=s.min_p, repetition_penalty=s.repetition_penalty)
         output = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=s.max_tokens,
             pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids, use_cache=True,
