@@ -120,7 +120,8 @@ def render(config_classes: list[tuple[str, str, str]] = CONFIG_CLASSES) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--check", action="store_true", help=f"exit 1 if {OUTPUT.relative_to(REPO_ROOT)} is out of date")
+    stale_help = f"exit 1 if {OUTPUT.relative_to(REPO_ROOT)} is out of date"
+    parser.add_argument("--check", action="store_true", help=stale_help)
     parser.add_argument("--output", type=Path, default=OUTPUT, help="where to write the page")
     args = parser.parse_args(argv)
     page = render()

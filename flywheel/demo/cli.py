@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as transformers_logging
 
-from flywheel.demo.evaluate import MAX_ANSWER_TOKENS, heldout_accuracy
+from flywheel.demo.evaluate import heldout_accuracy
 from flywheel.demo.make_base_model import BASE_MODEL_DIR
 from flywheel.demo.report import ProgressAndMetrics, plot_reward_curve, results_table
-from flywheel.demo.task import NUM_HELDOUT, exact_match_reward, heldout_problems, train_problems
+from flywheel.demo.task import MAX_ANSWER_TOKENS, NUM_HELDOUT, exact_match_reward, heldout_problems, train_problems
 
 PROMPTS_PER_STEP = 16
 NUM_GENERATIONS = 8
@@ -49,7 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--output-dir", type=Path, default=Path("flywheel-demo"),
         help="folder for the metrics, the reward curve, the results and the trained model (default ./flywheel-demo)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the training prompts, sampling and trainer (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the training prompts, sampling and trainer (default 0)"
+    )
     parser.add_argument(
         "--eval-problems", type=int, default=NUM_HELDOUT,
         help=f"held-out problems to measure accuracy on, 1 to {NUM_HELDOUT} (default {NUM_HELDOUT})",

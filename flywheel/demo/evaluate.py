@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flywheel.demo.task import Problem, exact_match_reward
-from flywheel.engine.llm import LLM
-from flywheel.engine.sampling import SamplingParams
+from flywheel import LLM, SamplingParams
+from flywheel.demo.task import MAX_ANSWER_TOKENS, Problem, exact_match_reward
 
-MAX_ANSWER_TOKENS = 8
 NUM_SAMPLES = 8
 
 
@@ -28,7 +26,8 @@ def heldout_accuracy(model_path: str, problems: list[Problem], seed: int = 0) ->
     llm = LLM(model=model_path, dtype="float32", device="cpu", seed=seed, kv_cache_memory_gb=0.1)
     prompts = [problem.prompt for problem in problems]
     greedy_outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_ANSWER_TOKENS))
-    sampled_outputs = llm.generate(prompts, SamplingParams(n=NUM_SAMPLES, temperature=1.0, max_tokens=MAX_ANSWER_TOKENS))
+    sampling = SamplingParams(n=NUM_SAMPLES, temperature=1.0, max_tokens=MAX_ANSWER_TOKENS)
+    sampled_outputs = llm.generate(prompts, sampling)
     answers = [problem.answer for problem in problems]
     greedy_correct = exact_match_reward([output.outputs[0].text for output in greedy_outputs], answers)
     sampled_correct = [

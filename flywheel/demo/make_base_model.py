@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from flywheel.demo.task import Problem, heldout_problems, train_problems
+from flywheel.demo.task import MAX_ANSWER_TOKENS, Problem, exact_match_reward, heldout_problems, train_problems
 from flywheel.testing import byte_tokenizer, tiny_config
 
 logger = logging.getLogger(__name__)
@@ -84,15 +84,15 @@ def sample_accuracy(
     sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
     output = model.generate(
         **batch,
-        max_new_tokens=6,
+        max_new_tokens=MAX_ANSWER_TOKENS,
         num_return_sequences=num_samples,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **sampling,
     )
     texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    correct = torch.tensor([text.strip() == problems[i // num_samples].answer for i, text in enumerate(texts)])
-    correct = correct.view(len(problems), num_samples).float()
+    answers = [problem.answer for problem in problems for _ in range(num_samples)]
+    correct = torch.tensor(exact_match_reward(texts, answers)).view(len(problems), num_samples)
     return correct.mean().item(), correct.max(dim=1).values.mean().item()
 
 
@@ -125,7 +125,8 @@ def warm_up(steps: int, batch_size: int, learning_rate: float, seed: int) -> Pre
             model.eval()
             greedy, _ = sample_accuracy(model, tokenizer, heldout)
             model.train()
-            logger.info("step %d loss %.3f held-out greedy %.2f (%.0fs)", step + 1, loss.item(), greedy, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            logger.info("step %d loss %.3f held-out greedy %.2f (%.0fs)", step + 1, loss.item(), greedy, elapsed)
     model.eval()
     return model
 

@@ -67,7 +67,8 @@ def plot_reward_curve(metrics_path: Path, image_path: Path, before: Accuracy, af
     from matplotlib.ticker import MaxNLocator
 
     steps, rewards = read_rewards(metrics_path)
-    running = [sum(rewards[max(0, i - RUNNING_WINDOW + 1) : i + 1]) / min(i + 1, RUNNING_WINDOW) for i in range(len(rewards))]
+    windows = [rewards[max(0, i - RUNNING_WINDOW + 1) : i + 1] for i in range(len(rewards))]
+    running = [sum(window) / len(window) for window in windows]
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot(steps, rewards, color="tab:blue", alpha=0.35, label="mean reward of the step")
     axes.plot(steps, running, color="tab:blue", label=f"running mean ({RUNNING_WINDOW} steps)")

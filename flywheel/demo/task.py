@@ -12,6 +12,7 @@ from dataclasses import dataclass
 MAX_OPERAND = 99
 NUM_HELDOUT = 1000
 SPLIT_SEED = 1234
+MAX_ANSWER_TOKENS = 8  # the longest answer, 198, is 3 tokens and the eos a fourth
 
 
 @dataclass(frozen=True)
