@@ -7,6 +7,7 @@ step with the trained model (`sync_weights` pushes only when the trainer's versi
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import tempfile
@@ -231,6 +232,8 @@ class ServerRollout(Rollout):
             )
             device = accelerator.device
             self.client.init_communicator(device="cpu" if device.type == "cpu" else device.index or 0)
+            # A group left open would refuse the next trainer that connects to this server.
+            atexit.register(self.client.close_communicator)
         # A model loaded from the path the server serves starts with the server's weights.
         self.synced_version = 0 if model_from_server_checkpoint else None
 
