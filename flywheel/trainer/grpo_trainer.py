@@ -129,7 +129,7 @@ class GRPOTrainer(OnlineTrainer):
         loss_mask = generated.completion_mask
         if args.mask_truncated_completions:
             loss_mask = loss_mask * (~generated.truncated).unsqueeze(1)
-        total_tokens = self.accelerator.gather(loss_mask.sum()).sum().float()
+        total_tokens = self.accelerator.gather(loss_mask.sum()).sum().float().clamp(min=1)
         micro_batches = args.steps_per_generation if mode == "train" else 1
         batch: dict[str, Any] = {
             "prompt_ids": generated.prompt_ids,
