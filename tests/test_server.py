@@ -24,7 +24,8 @@ GREEDY = dict(temperature=0.0, max_tokens=12)
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with launch_server(tiny_checkpoints["qwen2"], log_path=log, api_key=API_KEY, kv_cache_memory_gb=0.05) as srv:
+    with launch_server(tiny_checkpoints["qwen2"], log_path=log, api_key=API_KEY, kv_cache_memory_gb=0.05,
+                       max_request_mb=1) as srv:
         yield srv
 
 
@@ -132,6 +133,12 @@ def test_bad_request_gets_4xx_naming_the_field(client, path, payload, status, fi
 
     assert response.status_code == status, response.text
     assert field in response.json()["detail"]
+
+
+def test_oversized_body_gets_413(client):
+    response = client.http.post("/generate", json={"prompts": [[1] * 600_000]})
+
+    assert response.status_code == 413 and "max_request_mb" in response.json()["detail"]
 
 
 def test_server_keeps_serving_after_bad_requests(client, offline):

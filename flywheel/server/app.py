@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import TypeAdapter, ValidationError
 
 from flywheel.engine.sampling import SamplingParams
 from flywheel.server.options import ServerOptions
@@ -33,6 +34,7 @@ from flywheel.weight_sync import DEFAULT_BUCKET_BYTES, ParamSpec, plan_buckets, 
 logger = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.name != "extra"}
+SAMPLING_ADAPTER = TypeAdapter(SamplingParams)
 _DISCONNECT_POLL_S = 0.25
 MIN_TEMPERATURE = 1e-3
 MAX_LOGPROBS = 20
@@ -89,20 +91,33 @@ class ServerState:
                       max_tokens=request.max_tokens, logprobs=request.logprobs, seed=request.seed,
                       stop=request.stop)
         params.update(extra)
+        return self.checked_sampling(params, extra_names=set(extra))
+
+    def checked_sampling(self, params: dict[str, Any], extra_names: set[str] = frozenset()) -> dict[str, Any]:
+        """Check SamplingParams keyword arguments (types, ranges, this server's limits); the normalized copy."""
+
+        def where(name: str) -> str:
+            return f"generation_kwargs.{name}" if name in extra_names else name
+
+        try:
+            validated = SAMPLING_ADAPTER.validate_python(params)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            field = where(str(problem["loc"][0])) if problem["loc"] else "sampling parameters"
+            raise HTTPException(400, f"{field}: {problem['msg'].removeprefix('Value error, ')}") from error
+        params = {name: getattr(validated, name) for name in SAMPLING_FIELDS}
         if params["n"] > self.options.max_n:
-            raise HTTPException(400, f"n: {params['n']} is more than this server's limit {self.options.max_n}")
+            raise HTTPException(400, f"{where('n')}: {params['n']} is more than this server's limit {self.options.max_n}")
         if 0.0 < params["temperature"] < MIN_TEMPERATURE:
-            raise HTTPException(400, f"temperature: {params['temperature']} overflows the logits; use 0 for greedy "
-                                     f"or at least {MIN_TEMPERATURE}")
-        if params["logprobs"] is not None and not 0 <= params["logprobs"] <= MAX_LOGPROBS:
-            raise HTTPException(400, f"logprobs: must be in 0..{MAX_LOGPROBS} (or null), got {params['logprobs']}")
+            raise HTTPException(400, f"{where('temperature')}: {params['temperature']} overflows the logits; use 0 "
+                                     f"for greedy or at least {MIN_TEMPERATURE}")
+        if params["logprobs"] is not None and params["logprobs"] > MAX_LOGPROBS:
+            raise HTTPException(400, f"{where('logprobs')}: must be in 0..{MAX_LOGPROBS} (or null), "
+                                     f"got {params['logprobs']}")
         limit = self.options.max_tokens_limit
         if limit is not None and (params["max_tokens"] is None or params["max_tokens"] > limit):
-            raise HTTPException(400, f"max_tokens: {params['max_tokens']} is more than this server's limit {limit}")
-        try:
-            SamplingParams(**params)
-        except (ValueError, TypeError) as error:
-            raise HTTPException(400, f"sampling parameters: {error}") from error
+            raise HTTPException(400, f"{where('max_tokens')}: {params['max_tokens']} is more than this server's "
+                                     f"limit {limit}")
         return params
 
     def truncate(self, prompt_ids: list[list[int]], request: SamplingFields) -> list[list[int]]:
@@ -176,6 +191,18 @@ def create_app(state: ServerState) -> FastAPI:
         app.add_api_route(path, endpoint, methods=[method], dependencies=guarded, **kwargs)
         app.add_api_route(path + "/", endpoint, methods=[method], dependencies=guarded,
                           include_in_schema=False, **kwargs)
+
+    body_limit = int(state.options.max_request_mb * 2**20)
+
+    @app.middleware("http")
+    async def _limit_body_size(request: Request, call_next: Callable) -> Response:
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit():
+            return JSONResponse(status_code=400, content={"detail": f"content-length: not a number ({length!r})"})
+        if int(length) > body_limit:
+            return JSONResponse(status_code=413, content={
+                "detail": f"body: {int(length)} bytes is over this server's limit of {body_limit} (--max_request_mb)"})
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -69,27 +69,13 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
             raise HTTPException(404, f"model: {name!r} is not served here; this server serves {served!r}")
         return served
 
-    def check_params(params: dict[str, Any]) -> dict[str, Any]:
-        from flywheel.engine.sampling import SamplingParams
-
-        if params["n"] > state.options.max_n:
-            raise HTTPException(400, f"n: {params['n']} is more than this server's limit {state.options.max_n}")
-        limit = state.options.max_tokens_limit
-        if limit is not None and params["max_tokens"] > limit:
-            raise HTTPException(400, f"max_tokens: {params['max_tokens']} is more than this server's limit {limit}")
-        try:
-            SamplingParams(**params)
-        except ValueError as error:
-            raise HTTPException(400, f"sampling parameters: {error}") from error
-        return params
-
     async def models() -> dict:
         return {"object": "list",
                 "data": [{"id": served, "object": "model", "created": 0, "owned_by": "flywheel"}]}
 
     async def completions(body: CompletionRequest, request: Request):
         model = check_model(body.model)
-        params = check_params(_sampling(body, body.max_tokens, body.logprobs))
+        params = state.checked_sampling(_sampling(body, body.max_tokens, body.logprobs))
         prompts = body.prompt
         if isinstance(prompts, str):
             prompt_ids = [encode_text(state.tokenizer, prompts)]
@@ -117,7 +103,7 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         model = check_model(body.model)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = check_params(_sampling(body, body.max_completion_tokens or body.max_tokens, top))
+        params = state.checked_sampling(_sampling(body, body.max_completion_tokens or body.max_tokens, top))
         conversation = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
             prompt_ids = [encode_conversation(state.tokenizer, conversation, body.chat_template_kwargs)]

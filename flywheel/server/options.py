@@ -47,6 +47,7 @@ class ServerOptions:
         metadata={"help": "Require `Authorization: Bearer KEY` on every endpoint but /health "
                           "(default: the FLYWHEEL_API_KEY environment variable, else no key)."},
     )
+    max_request_mb: float = field(default=128.0, metadata={"help": "Largest request body in MiB (413 beyond)."})
     max_prompts_per_request: int = field(default=4096, metadata={"help": "Most prompts in one request."})
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Longest prompt in tokens (default: max_model_len - 1)."}
@@ -77,6 +78,7 @@ class ServerOptions:
             (self.log_level.lower() in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}"),
             (self.max_prompts_per_request >= 1,
              f"max_prompts_per_request must be >= 1, got {self.max_prompts_per_request}"),
+            (self.max_request_mb > 0, f"max_request_mb must be > 0, got {self.max_request_mb}"),
             (self.request_timeout > 0, f"request_timeout must be > 0, got {self.request_timeout}"),
             (self.communicator_timeout > 0, f"communicator_timeout must be > 0, got {self.communicator_timeout}"),
         ]

@@ -1,0 +1,218 @@
+"""One data-parallel engine process: load the engine, then loop over requests and commands.
+
+The loop takes new requests and commands from the inbox, adds the requests to the engine, runs one
+engine step and sends the finished outputs back. Requests from every client therefore share the
+engine's batches (continuous batching across requests). Commands (weight sync, cache reset, stats)
+run between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import time
+from typing import Any
+
+from flywheel.server.options import ServerOptions
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.5
+
+
+def worker_main(dp_rank: int, options: ServerOptions, cuda_devices: str | None, inbox, outbox) -> None:
+    """Entry point of one data-parallel worker process."""
+    if cuda_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_devices
+    logging.basicConfig(level=_logging_level(options.log_level),
+                        format=f"%(asctime)s %(levelname)s dp{dp_rank} %(name)s: %(message)s")
+    try:
+        llm = _load_engine(options)
+        ready = {"max_model_len": _max_model_len(llm)}
+        if dp_rank == 0:
+            ready["param_shapes"] = _param_shapes(llm)
+    except Exception as error:
+        logger.exception("loading the engine failed")
+        outbox.put(("fatal", dp_rank, f"loading the engine failed: {type(error).__name__}: {error}"))
+        return
+    outbox.put(("ready", dp_rank, ready))
+    try:
+        _serve(dp_rank, options, llm, inbox, outbox)
+    except Exception as error:
+        logger.exception("engine worker crashed")
+        outbox.put(("fatal", dp_rank, f"{type(error).__name__}: {error}"))
+    finally:
+        from flywheel import weight_sync
+
+        try:
+            llm.engine.collective_rpc(weight_sync.rpc_close)
+        except Exception:
+            logger.debug("closing the weight-sync group at exit failed", exc_info=True)
+        shutdown = getattr(llm, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _logging_level(name: str) -> int:
+    return logging.DEBUG if name == "trace" else getattr(logging, name.upper())
+
+
+def _load_engine(options: ServerOptions):
+    from flywheel.engine.llm import LLM
+
+    kwargs = dict(
+        revision=options.revision, dtype=options.dtype, max_model_len=options.max_model_len,
+        enable_prefix_caching=options.enable_prefix_caching, enforce_eager=options.enforce_eager,
+        gpu_memory_utilization=options.gpu_memory_utilization, max_num_seqs=options.max_num_seqs,
+        tensor_parallel_size=options.tensor_parallel_size, seed=options.seed,
+    )
+    if options.kv_cache_memory_gb is not None:
+        kwargs["kv_cache_memory_gb"] = options.kv_cache_memory_gb
+    return LLM(options.model, **kwargs)
+
+
+def _max_model_len(llm) -> int | None:
+    for holder in (llm, getattr(llm, "engine", None), getattr(llm, "config", None),
+                   getattr(getattr(llm, "engine", None), "config", None)):
+        value = getattr(holder, "max_model_len", None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _param_shapes(llm) -> dict[str, tuple[int, ...]]:
+    from flywheel.engine.weights import hf_parameter_shapes
+
+    return hf_parameter_shapes(llm.engine.hf_config)
+
+
+def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
+    from flywheel.engine.sampling import SamplingParams
+
+    engine = llm.engine
+    parent = os.getppid()
+    in_flight: set[str] = set()
+    while True:
+        if os.getppid() != parent:
+            logger.warning("the server process is gone; exiting")
+            return
+        messages = []
+        if not engine.has_unfinished_requests():
+            try:
+                messages.append(inbox.get(timeout=IDLE_POLL_S))
+            except queue.Empty:
+                pass
+        while True:
+            try:
+                messages.append(inbox.get_nowait())
+            except queue.Empty:
+                break
+        for message in messages:
+            kind = message[0]
+            if kind == "shutdown":
+                return
+            if kind == "add":
+                for request_id, prompt_ids, params in message[1]:
+                    try:
+                        engine.add_request(request_id, prompt_ids, SamplingParams(**params))
+                        in_flight.add(request_id)
+                    except Exception as error:
+                        outbox.put(("rejected", dp_rank, request_id, f"{error}"))
+            elif kind == "abort":
+                for request_id in message[1]:
+                    engine.abort_request(request_id)
+                    in_flight.discard(request_id)
+            elif kind == "call":
+                _, call_id, name, args = message
+                try:
+                    outbox.put(("reply", dp_rank, call_id, True, _CALLS[name](dp_rank, options, llm, *args)))
+                except Exception as error:
+                    logger.exception("%s failed", name)
+                    outbox.put(("reply", dp_rank, call_id, False, f"{type(error).__name__}: {error}"))
+        if engine.has_unfinished_requests():
+            try:
+                finished = engine.step()
+            except Exception as error:
+                # Fail the requests in flight rather than the whole server; the traceback goes to the log.
+                logger.exception("an engine step failed; aborting the %d requests in flight", len(in_flight))
+                for request_id in in_flight:
+                    engine.abort_request(request_id)
+                    outbox.put(("failed", dp_rank, request_id, f"the engine failed: {type(error).__name__}: {error}"))
+                in_flight.clear()
+                continue
+            in_flight.difference_update(output.request_id for output in finished)
+            if finished:
+                outbox.put(("outputs", dp_rank, [output_to_wire(output) for output in finished]))
+
+
+def output_to_wire(output) -> dict[str, Any]:
+    """A RequestOutput as plain lists (sampled token first in each logprob row)."""
+    completions = []
+    for completion in output.outputs:
+        logprobs = token_ids = None
+        if completion.logprobs is not None:
+            logprobs = [[entry.logprob for entry in row.values()] for row in completion.logprobs]
+            token_ids = [list(row.keys()) for row in completion.logprobs]
+        completions.append({
+            "token_ids": list(completion.token_ids), "text": completion.text,
+            "finish_reason": completion.finish_reason, "logprobs": logprobs, "logprob_token_ids": token_ids,
+        })
+    return {"request_id": output.request_id, "prompt_token_ids": list(output.prompt_token_ids),
+            "outputs": completions}
+
+
+def _call_init_communicator(dp_rank, options, llm, host, port, world_size, backend):
+    from flywheel import weight_sync
+
+    timeout = options.communicator_timeout
+    rank_offset = dp_rank * options.tensor_parallel_size
+    llm.engine.collective_rpc(weight_sync.rpc_start_join, host, port, world_size, rank_offset, backend, timeout)
+    llm.engine.collective_rpc(weight_sync.rpc_finish_join, timeout)
+
+
+def _call_update_weights(dp_rank, options, llm, buckets):
+    from flywheel import weight_sync
+
+    start = time.perf_counter()
+    errors = [e for e in llm.engine.collective_rpc(weight_sync.rpc_receive_and_load, buckets) if e]
+    logger.info("weight update: %.1f MiB in %d bucket(s) received and loaded in %.3fs",
+                sum(b.nbytes for b in buckets) / 2**20, len(buckets), time.perf_counter() - start)
+    try:
+        llm.reset_prefix_cache()
+    except Exception as error:
+        errors.append(f"resetting the prefix cache failed: {error}")
+    llm.engine.collective_rpc(weight_sync.rpc_report, bool(errors))
+    if errors:
+        raise RuntimeError("; ".join(errors))
+
+
+def _call_stats(dp_rank, options, llm):
+    return {"busy": llm.engine.has_unfinished_requests(), **dataclasses.asdict(llm.engine.stats)}
+
+
+def _call_reset_prefix_cache(dp_rank, options, llm):
+    llm.reset_prefix_cache()
+
+
+def _call_close_communicator(dp_rank, options, llm):
+    from flywheel import weight_sync
+
+    llm.engine.collective_rpc(weight_sync.rpc_close)
+
+
+def _call_device_uuids(dp_rank, options, llm):
+    from flywheel import weight_sync
+
+    return [uuid for uuid in llm.engine.collective_rpc(weight_sync.rpc_device_uuid) if uuid]
+
+
+_CALLS = {
+    "init_communicator": _call_init_communicator,
+    "update_weights": _call_update_weights,
+    "reset_prefix_cache": _call_reset_prefix_cache,
+    "close_communicator": _call_close_communicator,
+    "device_uuids": _call_device_uuids,
+    "stats": _call_stats,
+}
