@@ -108,6 +108,8 @@ class WeightSyncGroup:
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
         self.rank, self.world_size, self.backend, self.device = rank, world_size, backend, device
         self.client_rank = world_size - 1
+        if backend == "nccl":
+            torch.cuda.set_device(device)  # NCCL binds to the current device, which is per thread
         self._staging: tuple[torch.Tensor, torch.Tensor] | None = None
         timeout = timedelta(seconds=timeout_s)
         where = f"{host}:{port}"
@@ -219,8 +221,6 @@ def rpc_start_join(model_runner, host: str, port: int, world_size: int, rank_off
 
     def join() -> None:
         try:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)  # the current device is per thread
             outcome["group"] = WeightSyncGroup(host, port, rank, world_size, backend, device, timeout_s)
         except Exception as error:  # reported by rpc_finish_join
             outcome["error"] = error
