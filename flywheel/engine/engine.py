@@ -106,8 +106,11 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
         request = _Request(request_id, prompt, list(prompt_token_ids))
+        stop_ids = self._stop_token_ids(params)
         for index in range(params.n):
-            request.seqs.append(Sequence(request_id, index, prompt_token_ids, params, self._generator(params, index)))
+            seq = Sequence(request_id, index, prompt_token_ids, params, self._generator(params, index))
+            seq.stop_token_ids = stop_ids
+            request.seqs.append(seq)
         parent = request.seqs[0]
         parent.pending_forks = request.seqs[1:]
         self.requests[request_id] = request
@@ -151,7 +154,7 @@ class LLMEngine:
         inputs = self.runner.prepare(batch)
         logits = self.ranks.execute(inputs)
         rows = [s for seq in batch.seqs for s in (seq, *seq.pending_forks)] if batch.is_prefill else batch.seqs
-        stop_ids = [self._stop_token_ids(seq.params) for seq in rows]
+        stop_ids = [seq.stop_token_ids for seq in rows]
         sampled = self.sampler(logits, rows, stop_ids)
         if batch.is_prefill:
             for seq in batch.seqs:

@@ -35,6 +35,8 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
+        # Tokens that end this sequence (stop_token_ids, and EOS unless ignored); set by the engine.
+        self.stop_token_ids: set[int] = set(params.stop_token_ids)
         self.generator = generator
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
