@@ -106,6 +106,22 @@ def test_two_clients_at_once_both_get_their_results(server, offline):
         assert results[index]["completion_ids"] == completion_ids(offline, prompts * 3, **GREEDY)
 
 
+def test_requests_from_two_clients_share_engine_steps(server):
+    params = dict(temperature=1.0, max_tokens=64, generation_kwargs={"ignore_eos": True}, logprobs=None)
+    clients = [GenerationClient(base_url=server.base_url, api_key=API_KEY, connection_timeout=30) for _ in range(2)]
+    steps_before = clients[0].http.get("/stats").json()["engines"][0]["steps"]
+
+    threads = [threading.Thread(target=c.generate, args=([f"client {i}"],), kwargs=params)
+               for i, c in enumerate(clients)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+
+    steps = clients[0].http.get("/stats").json()["engines"][0]["steps"] - steps_before
+    assert steps < 2 * 64  # one after the other would take 2 x (prefill + 63 decodes) = 128 steps
+    for c in clients:
+        c.close()
+
+
 BAD_REQUESTS = [
     ("/generate", {"prompts": []}, 422, "prompts"),
     ("/generate", {"prompts": ["x"], "temperature": -1}, 422, "temperature"),
