@@ -1,4 +1,4 @@
-"""GRPO under `accelerate launch --num_processes 2` (DDP over Gloo on the CPU) with a generation server."""
+"""GRPO under `accelerate launch --num_processes 2` (DDP over Gloo on the CPU), with a server or colocated engines."""
 
 import json
 import subprocess
@@ -17,11 +17,15 @@ TRAIN_SCRIPT = textwrap.dedent(
 
     model_path, out_dir, server_port, group_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(1)
+    if server_port:
+        placement = dict(vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=server_port,
+                         vllm_group_port=group_port)
+    else:
+        placement = dict(vllm_mode="colocate", vllm_kv_cache_memory_gb=0.05)
     args = GRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=8, num_generations=8, max_completion_length=10,
         learning_rate=1e-2, max_steps=12, logging_steps=1, report_to="none", save_strategy="no",
-        disable_tqdm=True, seed=0, use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1",
-        vllm_server_port=server_port, vllm_group_port=group_port,
+        disable_tqdm=True, seed=0, use_vllm=True, **placement,
     )
     dataset = Dataset.from_dict({"prompt": [f"Say {i}:" for i in range(256)]})
     trainer = GRPOTrainer(model=model_path, reward_funcs=char_fraction_reward("abcdefghijklmnopqrstuvwxyz"),
@@ -39,20 +43,31 @@ TRAIN_SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_process_server_training_learns_with_identical_replicas(tiny_checkpoints, tmp_path):
-    with launch_server(tiny_checkpoints["qwen2"], log_path=tmp_path / "server.log", kv_cache_memory_gb=0.05,
-                       log_level="warning") as server:
-        script = tmp_path / "train.py"
-        script.write_text(TRAIN_SCRIPT)
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port",
-                   str(free_port()), str(script), tiny_checkpoints["qwen2"], str(tmp_path), str(server.port),
-                   str(free_port())]
-        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+def launch_two_processes(model_path, tmp_path, server_port=0):
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port",
+               str(free_port()), str(script), model_path, str(tmp_path), str(server_port), str(free_port())]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+def check_learned_with_identical_replicas(result):
     assert result["processes"] == 2
     assert abs(result["checksums"][0] - result["checksums"][1]) < 1e-6
     rewards = result["rewards"]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.25, f"reward did not rise: {[round(r, 3) for r in rewards]}"
+
+
+def test_two_processes_learn_with_a_server(tiny_checkpoints, tmp_path):
+    with launch_server(tiny_checkpoints["qwen2"], log_path=tmp_path / "server.log", kv_cache_memory_gb=0.05,
+                       log_level="warning") as server:
+        result = launch_two_processes(tiny_checkpoints["qwen2"], tmp_path, server.port)
+    check_learned_with_identical_replicas(result)
+
+
+def test_two_processes_learn_with_colocated_engines(tiny_checkpoints, tmp_path):
+    check_learned_with_identical_replicas(launch_two_processes(tiny_checkpoints["qwen2"], tmp_path))
