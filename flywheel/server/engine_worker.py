@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import queue
+import signal
 import time
 from typing import Any
 
@@ -26,11 +27,13 @@ def worker_main(dp_rank: int, options: ServerOptions, cuda_devices: str | None, 
     """Entry point of one data-parallel worker process."""
     if cuda_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_devices
+    # Ctrl+C reaches the whole process group; the HTTP process stops the workers in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=_logging_level(options.log_level),
                         format=f"%(asctime)s %(levelname)s dp{dp_rank} %(name)s: %(message)s")
     try:
         llm = _load_engine(options)
-        ready = {"max_model_len": _max_model_len(llm)}
+        ready = {"max_model_len": llm.engine.max_model_len}
         if dp_rank == 0:
             ready["param_shapes"] = _param_shapes(llm)
     except Exception as error:
@@ -50,9 +53,7 @@ def worker_main(dp_rank: int, options: ServerOptions, cuda_devices: str | None, 
             llm.engine.collective_rpc(weight_sync.rpc_close)
         except Exception:
             logger.debug("closing the weight-sync group at exit failed", exc_info=True)
-        shutdown = getattr(llm, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        llm.shutdown()
 
 
 def _logging_level(name: str) -> int:
@@ -62,24 +63,12 @@ def _logging_level(name: str) -> int:
 def _load_engine(options: ServerOptions):
     from flywheel.engine.llm import LLM
 
-    kwargs = dict(
-        revision=options.revision, dtype=options.dtype, max_model_len=options.max_model_len,
+    return LLM(
+        options.model, revision=options.revision, dtype=options.dtype, max_model_len=options.max_model_len,
         enable_prefix_caching=options.enable_prefix_caching, enforce_eager=options.enforce_eager,
-        gpu_memory_utilization=options.gpu_memory_utilization, max_num_seqs=options.max_num_seqs,
-        tensor_parallel_size=options.tensor_parallel_size, seed=options.seed,
+        gpu_memory_utilization=options.gpu_memory_utilization, kv_cache_memory_gb=options.kv_cache_memory_gb,
+        max_num_seqs=options.max_num_seqs, tensor_parallel_size=options.tensor_parallel_size, seed=options.seed,
     )
-    if options.kv_cache_memory_gb is not None:
-        kwargs["kv_cache_memory_gb"] = options.kv_cache_memory_gb
-    return LLM(options.model, **kwargs)
-
-
-def _max_model_len(llm) -> int | None:
-    for holder in (llm, getattr(llm, "engine", None), getattr(llm, "config", None),
-                   getattr(getattr(llm, "engine", None), "config", None)):
-        value = getattr(holder, "max_model_len", None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def _param_shapes(llm) -> dict[str, tuple[int, ...]]:
