@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,9 +129,9 @@ class RolloutTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if not self.use_cpu and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Launched with several processes (torchrun / accelerate launch) on a machine without a GPU:
-            # without use_cpu, accelerate would run each process alone instead of DDP over Gloo.
+        if not self.use_cpu and not torch.cuda.is_available() and not torch.backends.mps.is_available():
+            # On a machine without an accelerator: without use_cpu, accelerate would run each of
+            # several launched processes alone instead of DDP over Gloo, and bf16 would be refused.
             self.use_cpu = True
         super().__post_init__()
         # Reward functions need the extra columns; the Trainer's column pruning would drop them.
