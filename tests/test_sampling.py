@@ -131,3 +131,21 @@ def test_repetition_penalty_matches_its_definition():
     expected[6] *= 4.0
     assert out.token_ids == [int(expected.argmax())]
     assert out.logprobs[0] == pytest.approx(float(expected.log_softmax(-1).max()), abs=1e-6)
+
+
+def test_streamed_request_reports_its_progress_every_step(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, stop=["\x00\x01"])
+    engine.add_request("streamed", [104, 105], params, stream=True)
+    engine.add_request("quiet", [104, 105], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    seen = {"streamed": [], "quiet": []}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen[output.request_id].append(output)
+    assert [o.finished for o in seen["quiet"]] == [True]
+    streamed = seen["streamed"]
+    assert streamed[-1].finished and not any(o.finished for o in streamed[:-1])
+    assert [len(o.outputs[0].token_ids) for o in streamed] == [1, 2, 3, 4, 5, 6]
+    texts = [o.outputs[0].text for o in streamed]
+    assert all(final.startswith(partial) for partial, final in zip(texts, texts[1:]))
+    assert streamed[-1].outputs[0].token_ids == seen["quiet"][0].outputs[0].token_ids

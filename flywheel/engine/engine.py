@@ -38,6 +38,7 @@ class _Request:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
+    stream: bool = False
     seqs: list[Sequence] = field(default_factory=list)
 
 
@@ -98,14 +99,21 @@ class LLMEngine:
     # Requests ------------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        stream: bool = False,
     ) -> None:
+        """Queue a request. With ``stream``, every step that extends it also returns its output so
+        far (``finished=False``); otherwise only its final output is returned."""
         if self.sleeping:
             raise RuntimeError("the engine is asleep: call wake_up() before generating")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
-        request = _Request(request_id, prompt, list(prompt_token_ids))
+        request = _Request(request_id, prompt, list(prompt_token_ids), stream)
         stop_ids = self._stop_token_ids(params)
         for index in range(params.n):
             seq = Sequence(request_id, index, prompt_token_ids, params, self._generator(params, index))
@@ -144,7 +152,8 @@ class LLMEngine:
     # Steps ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch (prefill or decode); return the requests that finished in it."""
+        """Run one batch (prefill or decode); return the requests that finished in it, and the
+        progress of the streamed ones it extended."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -185,6 +194,7 @@ class LLMEngine:
 
     def _append_tokens(self, rows: list[Sequence], sampled: SamplerOutput, stop_ids: list[set[int]]) -> list[RequestOutput]:
         finished_requests = []
+        streamed: dict[str, _Request] = {}
         for row, seq in enumerate(rows):
             token = sampled.token_ids[row]
             seq.token_ids.append(token)
@@ -203,7 +213,11 @@ class LLMEngine:
                 request = self.requests.get(seq.request_id)
                 if request is not None and all(s.is_finished for s in request.seqs):
                     finished_requests.append(self._request_output(self.requests.pop(seq.request_id)))
-        return finished_requests
+            request = self.requests.get(seq.request_id)
+            if request is not None and request.stream:
+                streamed[request.request_id] = request
+        partial = [self._request_output(request, finished=False) for request in streamed.values()]
+        return finished_requests + partial
 
     def _finish_reason(self, seq: Sequence, token: int, stop_ids: set[int]) -> str | None:
         params = seq.params
@@ -234,12 +248,15 @@ class LLMEngine:
     def _completion_text(self, token_ids: list[int], params: SamplingParams) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
 
-    def _request_output(self, request: _Request) -> RequestOutput:
+    def _request_output(self, request: _Request, finished: bool = True) -> RequestOutput:
         outputs = []
         for seq in request.seqs:
             text = self._completion_text(seq.completion_token_ids, seq.params)
             if seq.stop_text_end is not None:
                 text = text[: seq.stop_text_end]
+            elif not seq.is_finished and seq.params.stop:
+                # Hold back what could still turn out to be the start of a stop string.
+                text = text[: max(0, len(text) - max(len(stop) for stop in seq.params.stop) + 1)]
             outputs.append(
                 CompletionOutput(
                     index=seq.index,
@@ -250,7 +267,7 @@ class LLMEngine:
                     cumulative_logprob=seq.cumulative_logprob,
                 )
             )
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, finished)
 
     # Weights and memory ----------------------------------------------------------------------
 

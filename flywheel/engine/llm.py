@@ -112,6 +112,7 @@ class LLM:
                 if not self.engine.has_unfinished_requests():
                     raise RuntimeError("the engine stopped with requests unfinished")
                 for output in self.engine.step():
-                    finished[output.request_id] = output
-                    progress.update(1)
+                    if output.finished:
+                        finished[output.request_id] = output
+                        progress.update(1)
         return [finished[request_id] for request_id in request_ids]
