@@ -51,6 +51,10 @@ def test_load_weights_refuses_unknown_names_and_wrong_shapes_whole(llm, hf_model
         (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
         (dict(min_tokens=5, max_tokens=2), "min_tokens"),
         (dict(logprobs_mode="softmax"), "logprobs_mode"),
+        (dict(skip_special_tokens=None), "skip_special_tokens must be true or false"),
+        (dict(temperature="hot"), "temperature must be a number"),
+        (dict(top_k=2.5), "top_k must be an integer"),
+        (dict(logprobs=1.5), "logprobs must be an integer"),
     ],
 )
 def test_invalid_sampling_params_raise(kwargs, message):

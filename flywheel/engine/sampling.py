@@ -44,6 +44,14 @@ class SamplingParams:
             if not condition:
                 raise ValueError(message)
 
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} must be a number, got {value!r}")
+        for name in ("top_k", "min_tokens"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            require(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         require(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
         require(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
         require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
@@ -65,7 +73,10 @@ class SamplingParams:
         )
         require(all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings")
         require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be ids >= 0")
-        require(self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}")
+        require(
+            self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+            f"logprobs must be an integer >= 0, got {self.logprobs!r}",
+        )
         require(
             self.logprobs_mode in ("processed", "raw"),
             f"logprobs_mode must be 'processed' or 'raw', got {self.logprobs_mode!r}",
