@@ -14,20 +14,17 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-# Run by path, this folder would come first on sys.path and bench/kernels.py would shadow the
-# `kernels` package that transformers probes on import.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-from bench.weight_sync import SHAPES  # noqa: E402
-from flywheel import GenerationClient  # noqa: E402
-from flywheel.server.launch import launch_server  # noqa: E402
-from flywheel.testing import write_tiny_checkpoint  # noqa: E402
+from bench.shapes import SHAPES, model_config
+from bench.weight_sync import write_checkpoint
+from flywheel import GenerationClient
+from flywheel.server.launch import launch_server
 
 
 def make_requests(count: int, prompts_per_request: int, prompt_len: int, vocab: int, seed: int) -> list:
@@ -80,8 +77,11 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or str(write_tiny_checkpoint(Path(tmp) / args.shape, "qwen2", **SHAPES[args.shape]))
-        vocab = SHAPES[args.shape]["vocab_size"] if not args.model else 256
+        model = args.model
+        if model is None:
+            model = str(Path(tmp) / args.shape)
+            write_checkpoint(Path(model), args.shape, torch.float32)
+        vocab = model_config(args.shape).vocab_size if not args.model else 256
         requests = make_requests(args.requests, args.prompts_per_request, args.prompt_len, vocab, seed=0)
         with launch_server(model, log_path=Path(tmp) / "server.log", tensor_parallel_size=args.tp,
                            data_parallel_size=args.dp, timeout_s=900) as server:

@@ -15,36 +15,26 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run by path, this folder would come first on sys.path and bench/kernels.py would shadow the
-# `kernels` package that transformers probes on import.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from transformers import AutoModelForCausalLM
 
-import torch  # noqa: E402
+from bench.shapes import SHAPES, model_config
+from flywheel import GenerationClient
+from flywheel.server.launch import free_port, launch_server
+from flywheel.testing import byte_tokenizer
+from flywheel.weight_sync import DEFAULT_BUCKET_BYTES, ParamSpec, WeightSyncGroup, dtype_name, plan_buckets
 
-from flywheel import GenerationClient  # noqa: E402
-from flywheel.server.launch import free_port, launch_server  # noqa: E402
-from flywheel.testing import write_tiny_checkpoint  # noqa: E402
-from flywheel.weight_sync import (  # noqa: E402
-    DEFAULT_BUCKET_BYTES,
-    ParamSpec,
-    WeightSyncGroup,
-    dtype_name,
-    plan_buckets,
-)
 
-SHAPES = {  # BENCHMARKS.md
-    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-}
+def write_checkpoint(folder: Path, shape: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Save a random-weight model of `shape` (with the byte tokenizer) to `folder`; returns the model."""
+    model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder)
+    return model
 
 
 def receiver(rank: int, world_size: int, port: int, backend: str, device: str, bucket_sizes: list[int],
@@ -128,13 +118,8 @@ def main() -> None:
     bucket_bytes = int(args.bucket_mb * 2**20)
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = write_tiny_checkpoint(Path(tmp) / args.shape, "qwen2", **SHAPES[args.shape])
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(client_device)
-        with torch.no_grad():  # like a trainer's weights: own memory, not pages mapped from the checkpoint
-            for param in model.parameters():
-                param.data = param.data.clone()
+        checkpoint = Path(tmp) / args.shape
+        model = write_checkpoint(checkpoint, args.shape, dtype).to(client_device)
         named = list(model.named_parameters())
         specs = [ParamSpec(name, dtype_name(p.dtype), tuple(p.shape)) for name, p in named]
         bucket_sizes = [bucket.nbytes for bucket in plan_buckets(specs, bucket_bytes)]
