@@ -27,11 +27,12 @@ def store_kv(
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` cached positions of each sequence: ``[B, length, kv_heads, D]``."""
-    block_size = cache.shape[1]
-    num_blocks = -(-length // block_size)
-    table = block_tables[:, :num_blocks].clamp(min=0).long()
-    gathered = cache[table]  # [B, num_blocks, block_size, kv_heads, D]
-    return gathered.flatten(1, 2)[:, :length]
+    num_blocks, block_size = cache.shape[:2]
+    needed = -(-length // block_size)
+    table = block_tables[:, :needed].clamp(min=0).flatten().long()
+    # index_select over whole blocks is a row copy, several times faster than advanced indexing.
+    gathered = cache.view(num_blocks, -1).index_select(0, table)
+    return gathered.view(block_tables.shape[0], needed * block_size, *cache.shape[2:])[:, :length]
 
 
 def prefill_attention(

@@ -71,12 +71,17 @@ class SharedPrefixLayout:
 def _attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float):
     """``q`` ``[B, KVH, G, D]``, ``k``/``v`` ``[B, L, KVH, D]`` (first ``lengths[b]`` positions valid)
     → output ``[B, KVH, G, D]`` and log-sum-exp ``[B, KVH, G]``."""
-    k, v = k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    keep = torch.arange(k.shape[2])[None, :] < lengths[:, None]
-    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.exp(scores - lse[..., None]), v), lse
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    masked = torch.arange(k.shape[1])[None, None, :] >= lengths[:, None, None]
+    outputs, lses = [], []
+    # One kv head at a time: its keys are a strided matrix the matrix product reads in place,
+    # where a transpose of all heads would be copied first.
+    for head in range(k.shape[2]):
+        scores = torch.bmm(q[:, head], k[:, :, head].transpose(1, 2)).mul_(scale).masked_fill_(masked, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        outputs.append(torch.bmm(scores.sub_(lse[..., None]).exp_(), v[:, :, head]))
+        lses.append(lse)
+    return torch.stack(outputs, dim=1), torch.stack(lses, dim=1)
 
 
 def _attend_paged(q, k_cache, v_cache, block_tables, lengths, scale):
