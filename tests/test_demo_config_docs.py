@@ -54,3 +54,8 @@ def test_check_mode_finds_a_stale_page(gen_config_docs, tmp_path):
     assert gen_config_docs.main(["--check", "--output", str(page)]) == 0
     page.write_text(page.read_text() + "hand edit\n")
     assert gen_config_docs.main(["--check", "--output", str(page)]) == 1
+
+
+def test_committed_page_is_up_to_date(gen_config_docs):
+    committed = (SCRIPT.parent.parent / "docs" / "configuration.md").read_text()
+    assert committed == gen_config_docs.render(), "run `python scripts/gen_config_docs.py` to regenerate docs/configuration.md"
