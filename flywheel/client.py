@@ -142,6 +142,9 @@ class GenerationClient:
             torch.cuda.set_device(device)
             uuid = str(torch.cuda.get_device_properties(device).uuid)
         world_size = self.get_world_size() + 1
+        # A trainer killed without closing its group leaves it open on the server, holding the port:
+        # the server closes such a group (its heartbeat has stopped) and answers 409 to a live one.
+        self._request("POST", "/close_communicator?stale_only=true")
         outcome: dict[str, Any] = {}
 
         def join() -> None:
@@ -163,6 +166,7 @@ class GenerationClient:
         if "group" not in outcome:
             raise TimeoutError(f"joining the weight-sync group at {self.host}:{self.group_port} took over {timeout}s")
         self.group = outcome["group"]
+        self.group.start_heartbeat()
 
     def update_named_param(self, name: str, tensor: torch.Tensor) -> None:
         """Replace one parameter (full, unsharded, HF name) on every server rank."""

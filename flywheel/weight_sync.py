@@ -7,6 +7,10 @@ so torch.distributed's default process group is never created or touched.
 
 Tensors travel as raw bytes in a few flat `uint8` buckets: both sides compute the same bucket plan
 from the list of `{name, dtype, shape}` the client announced over HTTP.
+
+The client counts up a key of the rendezvous store every `HEARTBEAT_INTERVAL_S` while its group is
+open, so that the server can tell a client that died without closing the group (its count stands
+still) from a live one, and let the next client in.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 # Offsets inside a bucket are aligned so that every slice can be viewed as its dtype.
 _ALIGN = 16
+HEARTBEAT_INTERVAL_S = 0.5
+_HEARTBEAT_KEY = "flywheel_client_heartbeats"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -111,6 +117,7 @@ class WeightSyncGroup:
         if backend == "nccl":
             torch.cuda.set_device(device)  # NCCL binds to the current device, which is per thread
         self._staging: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._heartbeat: tuple[threading.Thread, threading.Event] | None = None
         timeout = timedelta(seconds=timeout_s)
         where = f"{host}:{port}"
         try:
@@ -164,7 +171,32 @@ class WeightSyncGroup:
             self._staging = (self.receive_buffer(nbytes), self.receive_buffer(nbytes))
         return self._staging
 
+    def start_heartbeat(self, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
+        """Count up the store's heartbeat key every `interval_s` from a daemon thread until `close()`."""
+        store, stopped = self.store, threading.Event()
+
+        def beat() -> None:
+            while not stopped.wait(interval_s):
+                try:
+                    store.add(_HEARTBEAT_KEY, 1)
+                except Exception:  # the server closed the group or went away: nobody is listening
+                    logger.debug("weight sync: heartbeat stopped", exc_info=True)
+                    return
+
+        thread = threading.Thread(target=beat, name="weight-sync-heartbeat", daemon=True)
+        thread.start()
+        self._heartbeat = (thread, stopped)
+
+    def heartbeats(self) -> int:
+        """How many heartbeats the client has sent so far."""
+        return self.store.add(_HEARTBEAT_KEY, 0)
+
     def close(self) -> None:
+        if self._heartbeat is not None:
+            thread, stopped = self._heartbeat
+            stopped.set()
+            thread.join(5)
+            self._heartbeat = None
         group, self.group, self._staging = self.group, None, None
         if group is not None and hasattr(group, "shutdown"):
             try:
@@ -278,6 +310,12 @@ def rpc_close(model_runner) -> None:
     group = _state.pop("group", None)
     if group is not None:
         group.close()
+
+
+def rpc_client_heartbeats(model_runner) -> int | None:
+    """How many heartbeats the open group's client has sent (None when no group is open)."""
+    group: WeightSyncGroup | None = _state.get("group")
+    return None if group is None else group.heartbeats()
 
 
 def rpc_device_uuid(model_runner) -> str | None:

@@ -4,7 +4,10 @@ concurrent clients, weight pushes, API key, OpenAI-compatible endpoints."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -231,6 +234,58 @@ def server_model(api) -> str:
     return api.models.list().data[0].id
 
 
+@pytest.fixture(scope="module")
+def api(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY)
+
+
+def test_streamed_completion_comes_token_by_token_and_adds_up_to_the_whole(api):
+    whole = api.completions.create(model=server_model(api), prompt="hello there", max_tokens=12, temperature=0)
+    chunks = list(api.completions.create(model=server_model(api), prompt="hello there", max_tokens=12,
+                                         temperature=0, stream=True, stream_options={"include_usage": True}))
+
+    texts = [chunk.choices[0].text for chunk in chunks if chunk.choices and chunk.choices[0].text]
+    assert len(texts) > 1
+    assert "".join(texts) == whole.choices[0].text
+    finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_streamed_chat_with_n_choices_matches_the_whole_choice_by_choice(api):
+    request = dict(model=server_model(api), messages=[{"role": "user", "content": "hi"}], max_tokens=10, n=2,
+                   temperature=1.0, seed=11, logprobs=True, top_logprobs=1)
+    whole = api.chat.completions.create(**request)
+    chunks = [chunk for chunk in api.chat.completions.create(stream=True, **request) if chunk.choices]
+
+    for choice in whole.choices:
+        mine = [chunk.choices[0] for chunk in chunks if chunk.choices[0].index == choice.index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        streamed_logprobs = [entry.logprob for c in mine if c.logprobs for entry in c.logprobs.content]
+        assert streamed_logprobs == pytest.approx([entry.logprob for entry in choice.logprobs.content])
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+
+
+def test_client_that_leaves_a_stream_has_its_request_aborted(api, client, offline):
+    generated_before = client.http.get("/stats").json()["engines"][0]["generated_tokens"]
+    stream = api.completions.create(model=server_model(api), prompt="go on", max_tokens=1000, temperature=1.0,
+                                    stream=True, extra_body={"ignore_eos": True})
+    for index, _ in enumerate(stream):
+        if index == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while client.http.get("/stats").json()["engines"][0]["busy"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    engine = client.http.get("/stats").json()["engines"][0]
+    assert not engine["busy"]
+    assert engine["generated_tokens"] - generated_before < 1000
+    assert client.generate(["hello"], **GREEDY)["completion_ids"] == completion_ids(offline, ["hello"], **GREEDY)
+
+
 def test_weight_update_before_init_communicator_says_what_to_do(client):
     with pytest.raises(RuntimeError, match="init_communicator"):
         client.update_named_param("model.norm.weight", torch.ones(64))
@@ -272,3 +327,37 @@ def test_bad_weight_updates_are_refused_before_anything_is_applied(client, offli
     client.close_communicator()
     assert client.group is None
 
+
+
+TRAINER = """
+import sys, time
+from flywheel import GenerationClient
+client = GenerationClient(base_url=sys.argv[1], group_port=int(sys.argv[2]), api_key=sys.argv[3])
+client.init_communicator(device="cpu")
+print("joined", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_trainer_killed_with_its_group_open_is_replaced_by_the_next(server, tiny_checkpoints, offline_b):
+    group_port = free_port()
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, server.base_url, str(group_port), API_KEY],
+                               stdout=subprocess.PIPE, text=True)
+    successor = GenerationClient(base_url=server.base_url, group_port=group_port, api_key=API_KEY,
+                                 connection_timeout=30, request_timeout=60)
+    try:
+        assert trainer.stdout.readline().strip() == "joined"
+        with pytest.raises(ValueError, match="409.*alive"):
+            successor.init_communicator(device="cpu")  # a live trainer keeps its group
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+    successor.init_communicator(device="cpu")
+    successor.update_model_params(AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2_b"]))
+    pushed = successor.generate(PROMPTS, **GREEDY)["completion_ids"]
+    successor.update_model_params(AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"]))
+    successor.close()
+
+    assert pushed == completion_ids(offline_b, PROMPTS, **GREEDY)
+    assert "died without closing the group" in server.log_tail(200)

@@ -1,8 +1,9 @@
-"""Serving safely: request timeouts and client disconnects abort work, a dead engine gives 503.
+"""Serving safely: request timeouts (streamed or not) and client disconnects abort work, a dead engine gives 503.
 (SIGTERM shutdown is shown in test_server_parallel.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -59,6 +60,17 @@ def test_client_that_disconnects_has_its_work_aborted(server):
     assert engines_idle(server.base_url)
     response = httpx.post(f"{server.base_url}/generate", json={"prompts": ["hi"], "max_tokens": 4}, timeout=30)
     assert response.status_code == 200
+
+
+def test_stream_over_the_timeout_ends_with_an_error_event_and_is_aborted(server):
+    body = {"prompt": "z", "max_tokens": 1000, "ignore_eos": True, "n": 4, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=30) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+    assert response.status_code == 200
+    assert json.loads(events[0])["choices"][0]["index"] in range(4)
+    assert json.loads(events[-1])["error"]["code"] == 504 and "request_timeout" in events[-1]
+    assert engines_idle(server.base_url)
 
 
 def test_dead_engine_worker_gives_503_with_a_reason(server):

@@ -4,6 +4,7 @@ between an engine-side rank (the functions collective_rpc runs) and the client."
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -123,6 +124,29 @@ def test_tensors_broadcast_in_buckets_arrive_intact():
 def test_a_rank_that_fails_to_load_is_reported_to_the_client():
     with pytest.raises(RuntimeError, match="failed to load"):
         run_update(RecordingModel(fail=True), named_tensors(), bucket_bytes=100)
+
+
+def test_the_engine_ranks_see_the_client_heartbeat_until_the_client_closes():
+    port = free_port()
+    runner = SimpleNamespace(tp_rank=0, device="cpu", model=RecordingModel())
+    weight_sync.rpc_start_join(runner, "127.0.0.1", port, 2, 0, "gloo", 30.0)
+    client = WeightSyncGroup("127.0.0.1", port, 1, 2, "gloo", torch.device("cpu"), 30.0)
+    weight_sync.rpc_finish_join(runner, 30.0)
+    try:
+        client.start_heartbeat(interval_s=0.02)
+        first = weight_sync.rpc_client_heartbeats(runner)
+        time.sleep(0.3)
+        beating = weight_sync.rpc_client_heartbeats(runner)
+        client.close()
+        after_close = weight_sync.rpc_client_heartbeats(runner)
+        time.sleep(0.2)
+        later = weight_sync.rpc_client_heartbeats(runner)
+    finally:
+        weight_sync.rpc_close(runner)
+
+    assert beating > first
+    assert later == after_close
+    assert weight_sync.rpc_client_heartbeats(runner) is None
 
 
 def test_joining_a_rendezvous_nobody_hosts_times_out_with_advice():

@@ -29,7 +29,13 @@ from flywheel.server.protocol import (
     WorldSizeResponse,
 )
 from flywheel.server.workers import EngineRejected, WorkerDied, WorkerPool
-from flywheel.weight_sync import DEFAULT_BUCKET_BYTES, ParamSpec, plan_buckets, validate_specs
+from flywheel.weight_sync import (
+    DEFAULT_BUCKET_BYTES,
+    HEARTBEAT_INTERVAL_S,
+    ParamSpec,
+    plan_buckets,
+    validate_specs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,8 @@ SAMPLING_ADAPTER = TypeAdapter(SamplingParams)
 _DISCONNECT_POLL_S = 0.25
 MIN_TEMPERATURE = 1e-3
 MAX_LOGPROBS = 20
+# A live client beats every HEARTBEAT_INTERVAL_S; this long without one means it is gone.
+CLIENT_SILENCE_S = 4 * HEARTBEAT_INTERVAL_S
 
 
 class ClientGone(Exception):
@@ -53,6 +61,7 @@ class ServerState:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.communicator_open = False
+        self.communicator_lock = asyncio.Lock()
 
     @property
     def max_prompt_length(self) -> int | None:
@@ -262,8 +271,13 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def init_communicator(body: InitCommunicatorRequest) -> dict:
         """Join every engine rank to the weight-sync group; returns once all ranks have met the client."""
+        async with state.communicator_lock:
+            return await open_communicator(body)
+
+    async def open_communicator(body: InitCommunicatorRequest) -> dict:
         if state.communicator_open:
-            raise HTTPException(409, "a communicator is already open; call /close_communicator first")
+            raise HTTPException(409, "a communicator is already open; call /close_communicator first "
+                                     "(with ?stale_only=true it is closed only if its client died)")
         expected = state.options.world_size + 1
         if body.world_size != expected:
             raise HTTPException(400, f"world_size: must be tensor_parallel_size x data_parallel_size + 1 = "
@@ -285,6 +299,11 @@ def create_app(state: ServerState) -> FastAPI:
             raise HTTPException(500, f"init_communicator failed: {error}") from error
         state.communicator_open = True
         return {}
+
+    async def client_alive() -> bool:
+        before = await state.pool.call_all("client_heartbeats")
+        await asyncio.sleep(CLIENT_SILENCE_S)
+        return await state.pool.call_all("client_heartbeats") != before
 
     def start_update(params: list[ParamMeta], bucket_bytes: int) -> dict:
         if not state.communicator_open:
@@ -314,9 +333,21 @@ def create_app(state: ServerState) -> FastAPI:
         await state.pool.call_all("reset_prefix_cache")
         return {}
 
-    async def close_communicator() -> dict:
-        await state.pool.call_all("close_communicator")
-        state.communicator_open = False
+    async def close_communicator(stale_only: bool = False) -> dict:
+        """Leave the weight-sync group. With `stale_only`, close it only if its client has stopped its
+        heartbeat (a trainer killed without closing it), and answer 409 while that client is alive:
+        a new client asks this before it joins, since its rendezvous needs the old group's port."""
+        async with state.communicator_lock:
+            if stale_only:
+                if not state.communicator_open:
+                    return {}
+                if await client_alive():
+                    raise HTTPException(409, "a communicator is already open and its client is alive; close it "
+                                             "from that client first")
+                logger.warning("the weight-sync group's client sent no heartbeat for %.0fs (it died without "
+                               "closing the group): closing the group for a new client", CLIENT_SILENCE_S)
+            await state.pool.call_all("close_communicator")
+            state.communicator_open = False
         return {}
 
     route("GET", "/get_world_size", get_world_size)

@@ -1,9 +1,9 @@
 """One data-parallel engine process: load the engine, then loop over requests and commands.
 
 The loop takes new requests and commands from the inbox, adds the requests to the engine, runs one
-engine step and sends the finished outputs back. Requests from every client therefore share the
-engine's batches (continuous batching across requests). Commands (weight sync, cache reset, stats)
-run between steps.
+engine step and sends the finished outputs back, and for streamed requests what each step added.
+Requests from every client therefore share the engine's batches (continuous batching across
+requests). Commands (weight sync, cache reset, stats) run between steps.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
     engine = llm.engine
     parent = os.getppid()
     in_flight: set[str] = set()
+    streams: dict[str, dict[int, _Sent]] = {}  # streamed request id -> what was sent of each completion
     while True:
         if os.getppid() != parent:
             logger.warning("the server process is gone; exiting")
@@ -103,16 +104,19 @@ def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
             if kind == "shutdown":
                 return
             if kind == "add":
-                for request_id, prompt_ids, params in message[1]:
+                for request_id, prompt_ids, params, stream in message[1]:
                     try:
-                        engine.add_request(request_id, prompt_ids, SamplingParams(**params))
+                        engine.add_request(request_id, prompt_ids, SamplingParams(**params), stream=stream)
                         in_flight.add(request_id)
+                        if stream:
+                            streams[request_id] = {}
                     except Exception as error:
                         outbox.put(("rejected", dp_rank, request_id, f"{error}"))
             elif kind == "abort":
                 for request_id in message[1]:
                     engine.abort_request(request_id)
                     in_flight.discard(request_id)
+                    streams.pop(request_id, None)
             elif kind == "call":
                 _, call_id, name, args = message
                 try:
@@ -122,7 +126,7 @@ def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
                     outbox.put(("reply", dp_rank, call_id, False, f"{type(error).__name__}: {error}"))
         if engine.has_unfinished_requests():
             try:
-                finished = engine.step()
+                outputs = engine.step()
             except Exception as error:
                 # Fail the requests in flight rather than the whole server; the traceback goes to the log.
                 logger.exception("an engine step failed; aborting the %d requests in flight", len(in_flight))
@@ -130,26 +134,63 @@ def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
                     engine.abort_request(request_id)
                     outbox.put(("failed", dp_rank, request_id, f"the engine failed: {type(error).__name__}: {error}"))
                 in_flight.clear()
+                streams.clear()
                 continue
-            in_flight.difference_update(output.request_id for output in finished)
-            if finished:
-                outbox.put(("outputs", dp_rank, [output_to_wire(output) for output in finished]))
+            wire = []
+            for output in outputs:
+                if output.finished:
+                    in_flight.discard(output.request_id)
+                if output.request_id in streams:
+                    sent = streams.pop(output.request_id) if output.finished else streams[output.request_id]
+                    wire.append(progress_to_wire(output, sent))
+                else:
+                    wire.append(output_to_wire(output))
+            if wire:
+                outbox.put(("outputs", dp_rank, wire))
+
+
+@dataclasses.dataclass
+class _Sent:
+    """How much of one streamed completion has been sent."""
+
+    tokens: int = 0
+    chars: int = 0
+    finished: bool = False
 
 
 def output_to_wire(output) -> dict[str, Any]:
-    """A RequestOutput as plain lists (sampled token first in each logprob row)."""
+    """A finished RequestOutput as plain lists (sampled token first in each logprob row)."""
+    return {"request_id": output.request_id, "prompt_token_ids": list(output.prompt_token_ids),
+            "outputs": [_completion_to_wire(c, c.token_ids, c.text) for c in output.outputs], "finished": True}
+
+
+def progress_to_wire(output, sent: dict[int, _Sent]) -> dict[str, Any]:
+    """What a streamed RequestOutput adds to what was sent: per completion that moved on, its new
+    token ids, logprobs and text, and its finish reason once it has one. Moves `sent` on."""
     completions = []
     for completion in output.outputs:
-        logprobs = token_ids = None
-        if completion.logprobs is not None:
-            logprobs = [[entry.logprob for entry in row.values()] for row in completion.logprobs]
-            token_ids = [list(row.keys()) for row in completion.logprobs]
-        completions.append({
-            "token_ids": list(completion.token_ids), "text": completion.text,
-            "finish_reason": completion.finish_reason, "logprobs": logprobs, "logprob_token_ids": token_ids,
-        })
-    return {"request_id": output.request_id, "prompt_token_ids": list(output.prompt_token_ids),
-            "outputs": completions}
+        done = sent.setdefault(completion.index, _Sent())
+        text = completion.text
+        if completion.finish_reason is None:
+            # A character whose UTF-8 bytes have not all arrived decodes as U+FFFD for now.
+            text = text.rstrip("\ufffd")
+        new_tokens, new_text = completion.token_ids[done.tokens:], text[done.chars:]
+        finishing = completion.finish_reason is not None and not done.finished
+        if new_tokens or new_text or finishing:
+            completions.append(_completion_to_wire(completion, new_tokens, new_text, start=done.tokens))
+        done.tokens, done.chars = len(completion.token_ids), max(done.chars, len(text))
+        done.finished = completion.finish_reason is not None
+    return {"request_id": output.request_id, "outputs": completions, "finished": output.finished}
+
+
+def _completion_to_wire(completion, token_ids: list[int], text: str, start: int = 0) -> dict[str, Any]:
+    logprobs = logprob_token_ids = None
+    if completion.logprobs is not None:
+        rows = completion.logprobs[start:start + len(token_ids)]
+        logprobs = [[entry.logprob for entry in row.values()] for row in rows]
+        logprob_token_ids = [list(row.keys()) for row in rows]
+    return {"index": completion.index, "token_ids": list(token_ids), "text": text,
+            "finish_reason": completion.finish_reason, "logprobs": logprobs, "logprob_token_ids": logprob_token_ids}
 
 
 def _call_init_communicator(dp_rank, options, llm, host, port, world_size, backend):
@@ -191,6 +232,12 @@ def _call_close_communicator(dp_rank, options, llm):
     llm.engine.collective_rpc(weight_sync.rpc_close)
 
 
+def _call_client_heartbeats(dp_rank, options, llm):
+    from flywheel import weight_sync
+
+    return llm.engine.collective_rpc(weight_sync.rpc_client_heartbeats)[0]
+
+
 def _call_device_uuids(dp_rank, options, llm):
     from flywheel import weight_sync
 
@@ -202,6 +249,7 @@ _CALLS = {
     "update_weights": _call_update_weights,
     "reset_prefix_cache": _call_reset_prefix_cache,
     "close_communicator": _call_close_communicator,
+    "client_heartbeats": _call_client_heartbeats,
     "device_uuids": _call_device_uuids,
     "stats": _call_stats,
 }

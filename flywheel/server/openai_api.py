@@ -1,14 +1,18 @@
 """OpenAI-compatible endpoints: /v1/models, /v1/completions and /v1/chat/completions (with SSE streaming).
 
-The engine reports a request when it finishes, so a stream carries each choice's whole text in one
-chunk, then the finish reason, then `[DONE]`: clients written for streaming work unchanged.
+With `stream=true` the engines report every step's progress: each choice's new text goes out as
+it is generated, then its finish reason, then (when `stream_options.include_usage`) the usage, then
+`[DONE]`. A client that disconnects has its requests aborted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, HTTPException, Request
@@ -16,6 +20,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.server.protocol import ChatMessage
+
+logger = logging.getLogger(__name__)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
 
 
 class _OpenAIFields(BaseModel):
@@ -28,6 +40,7 @@ class _OpenAIFields(BaseModel):
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -36,6 +49,9 @@ class _OpenAIFields(BaseModel):
     top_k: int = Field(-1, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
 
 
 class CompletionRequest(_OpenAIFields):
@@ -56,7 +72,8 @@ def _sampling(body: _OpenAIFields, max_tokens: int | None, logprobs: int | None)
     return dict(n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                 repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty, max_tokens=max_tokens or 16, seed=body.seed,
-                stop=stop, logprobs=logprobs)
+                stop=stop, logprobs=logprobs, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+                stop_token_ids=body.stop_token_ids)
 
 
 def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
@@ -86,6 +103,8 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
         else:
             prompt_ids = prompts
         prompt_ids = state.check_prompt_ids(prompt_ids, "prompt")
+        if body.stream:
+            return await stream_response(state, request, prompt_ids, params, body, chat=False)
         outputs = await state.generate(request, prompt_ids, params)
         choices = []
         for output in outputs:
@@ -95,10 +114,7 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
                 if body.logprobs is not None:
                     choice["logprobs"] = _completion_logprobs(state.tokenizer, completion)
                 choices.append(choice)
-        response = _envelope("cmpl", "text_completion", model, choices, outputs)
-        if body.stream:
-            return _stream(response, "text_completion", lambda c: {"text": c["text"]})
-        return response
+        return _envelope("cmpl", "text_completion", model, choices, outputs)
 
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         model = check_model(body.model)
@@ -110,6 +126,8 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
         except Exception as error:
             raise HTTPException(400, f"messages: the chat template failed: {error}") from error
         prompt_ids = state.check_prompt_ids(prompt_ids, "messages")
+        if body.stream:
+            return await stream_response(state, request, prompt_ids, params, body, chat=True)
         outputs = await state.generate(request, prompt_ids, params)
         choices = []
         for completion in outputs[0]["outputs"]:
@@ -118,11 +136,7 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
             if body.logprobs:
                 choice["logprobs"] = {"content": _chat_logprobs(state.tokenizer, completion)}
             choices.append(choice)
-        response = _envelope("chatcmpl", "chat.completion", model, choices, outputs)
-        if body.stream:
-            return _stream(response, "chat.completion.chunk",
-                           lambda c: {"delta": {"role": "assistant", "content": c["message"]["content"]}})
-        return response
+        return _envelope("chatcmpl", "chat.completion", model, choices, outputs)
 
     for path, endpoint, method in (("/v1/models", models, "GET"), ("/v1/completions", completions, "POST"),
                                    ("/v1/chat/completions", chat_completions, "POST")):
@@ -133,25 +147,81 @@ def _envelope(prefix: str, kind: str, model: str, choices: list[dict], outputs: 
     prompt_tokens = sum(len(output["prompt_token_ids"]) for output in outputs)
     completion_tokens = sum(len(c["token_ids"]) for output in outputs for c in output["outputs"])
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model,
-            "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
 
-def _stream(response: dict[str, Any], chunk_kind: str, content_of) -> StreamingResponse:
-    """Server-sent events: per choice a content chunk, then a finish chunk; then usage and [DONE]."""
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def stream_response(state, request: Request, prompt_ids: list[list[int]], params: dict[str, Any],
+                          body: _OpenAIFields, chat: bool) -> StreamingResponse:
+    """Server-sent events as the engines step: per choice its new text, then its finish reason; then
+    the usage if asked for, then `[DONE]`. Chat chunks carry a `delta`, completion chunks a `text`.
+
+    The first progress is awaited before answering, so that a refused or timed-out request still
+    gets its HTTP error status; later failures end the stream with an `error` event.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.options.request_timeout
+    progress = state.pool.stream(prompt_ids, params)
+    try:
+        first_progress = await state.watch(request, anext(progress), state.options.request_timeout)
+    except BaseException:
+        await progress.aclose()
+        raise
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": state.options.model}
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    with_logprobs = params["logprobs"] is not None
+
+    def content_choice(index: int, part: dict[str, Any], first: bool) -> dict[str, Any]:
+        if chat:
+            delta = {"role": "assistant", "content": part["text"]} if first else {"content": part["text"]}
+            logprobs = {"content": _chat_logprobs(state.tokenizer, part)} if with_logprobs else None
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+        logprobs = _completion_logprobs(state.tokenizer, part) if with_logprobs else None
+        return {"index": index, "text": part["text"], "logprobs": logprobs, "finish_reason": None}
+
+    def finish_choice(index: int, reason: str) -> dict[str, Any]:
+        return {"index": index, **({"delta": {}} if chat else {"text": ""}), "logprobs": None, "finish_reason": reason}
+
+    def event(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
 
     async def events() -> AsyncIterator[str]:
-        head = {"id": response["id"], "object": chunk_kind, "created": response["created"],
-                "model": response["model"]}
-        for choice in response["choices"]:
-            content = {"index": choice["index"], **content_of(choice), "logprobs": choice["logprobs"],
-                       "finish_reason": None}
-            yield f"data: {json.dumps({**head, 'choices': [content]})}\n\n"
-            done = {"index": choice["index"], "finish_reason": choice["finish_reason"]}
-            done.update({"delta": {}} if "delta" in content else {"text": ""})
-            yield f"data: {json.dumps({**head, 'choices': [done]})}\n\n"
-        yield f"data: {json.dumps({**head, 'choices': [], 'usage': response['usage']})}\n\n"
+        started: set[int] = set()
+        completion_tokens = 0
+        async with aclosing(progress):
+            try:
+                item = first_progress
+                while item is not None:
+                    prompt_index, update = item
+                    for part in update["outputs"]:
+                        index = prompt_index * params["n"] + part["index"]
+                        completion_tokens += len(part["token_ids"])
+                        # A choice's first chunk goes out even when empty: it carries the chat role.
+                        if part["text"] or index not in started or (with_logprobs and part["token_ids"]):
+                            choice = content_choice(index, part, index not in started)
+                            started.add(index)
+                            yield event({**head, "choices": [choice]})
+                        if part["finish_reason"] is not None:
+                            yield event({**head, "choices": [finish_choice(index, part["finish_reason"])]})
+                    item = await asyncio.wait_for(anext(progress, None), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                message = (f"generation took longer than {state.options.request_timeout:.0f}s (--request_timeout); "
+                           "it was aborted")
+                yield event({"error": {"message": message, "type": "timeout", "code": 504}})
+                return
+            except Exception as error:  # headers are out: the client learns of it from the stream
+                logger.error("a streamed request failed: %s", error)
+                yield event({"error": {"message": str(error), "type": type(error).__name__, "code": 500}})
+                return
+        if include_usage:
+            usage = _usage(sum(len(ids) for ids in prompt_ids), completion_tokens)
+            yield event({**head, "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 from flywheel.server.engine_worker import IDLE_POLL_S, worker_main
 from flywheel.server.options import ServerOptions
@@ -47,7 +47,7 @@ class WorkerPool:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
         self._lock = threading.Lock()
-        self._pending: dict[str, tuple[int, asyncio.Future]] = {}  # request id -> (worker, future)
+        self._pending: dict[str, tuple[int, asyncio.Future | asyncio.Queue]] = {}  # request id -> (worker, sink)
         self._calls: dict[int, tuple[int, asyncio.Future]] = {}
         self._load = [0] * options.data_parallel_size
         self._reader: threading.Thread | None = None
@@ -130,33 +130,58 @@ class WorkerPool:
 
     async def generate(self, prompts: list[list[int]], params: dict[str, Any]) -> list[dict[str, Any]]:
         """Run every prompt (spread over the workers, least loaded first) and return outputs in order."""
-        self._check_alive()
         loop = self._bind_loop()
+        futures = [loop.create_future() for _ in prompts]
+        request_ids = self._submit(prompts, params, futures, stream=False)
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            # gather() has cancelled the futures by now: abort every request that has no result.
+            self.abort([rid for rid, future in zip(request_ids, futures) if future.cancelled() or not future.done()])
+            raise
+        finally:
+            self._release(request_ids, params)
+
+    async def stream(self, prompts: list[list[int]], params: dict[str, Any]) -> AsyncIterator[tuple[int, dict]]:
+        """Run every prompt and yield `(prompt index, progress)` as the engines step: a progress lists
+        the completions that moved on, each with its new token ids, logprobs and text, and its finish
+        reason once it has one; `progress["finished"]` ends that prompt. Closing early aborts the rest."""
+        self._bind_loop()
+        progress: asyncio.Queue = asyncio.Queue()
+        request_ids = self._submit(prompts, params, [progress] * len(prompts), stream=True)
+        index_of = {request_id: index for index, request_id in enumerate(request_ids)}
+        running = set(request_ids)
+        try:
+            while running:
+                item = await progress.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item["finished"]:
+                    running.discard(item["request_id"])
+                yield index_of[item["request_id"]], item
+        finally:
+            self.abort(list(running))
+            self._release(request_ids, params)
+
+    def _submit(self, prompts: list[list[int]], params: dict[str, Any], sinks: list, stream: bool) -> list[str]:
+        """Send each prompt to the least loaded worker; its results go to its sink (a future, or a
+        queue that gets every progress). Returns the request ids."""
+        self._check_alive()
         base = f"r{next(self._ids)}"
         weight = params.get("n", 1)
         batches: dict[int, list] = {}
-        futures = []
+        request_ids = []
         with self._lock:
-            for index, prompt_ids in enumerate(prompts):
+            for index, (prompt_ids, sink) in enumerate(zip(prompts, sinks)):
                 worker = min(range(len(self._load)), key=self._load.__getitem__)
                 self._load[worker] += weight
                 request_id = f"{base}-{index}"
-                future = loop.create_future()
-                self._pending[request_id] = (worker, future)
-                futures.append((request_id, future))
-                batches.setdefault(worker, []).append((request_id, prompt_ids, params))
+                self._pending[request_id] = (worker, sink)
+                request_ids.append(request_id)
+                batches.setdefault(worker, []).append((request_id, prompt_ids, params, stream))
         for worker, batch in batches.items():
             self.inboxes[worker].put(("add", batch))
-        try:
-            return list(await asyncio.gather(*(future for _, future in futures)))
-        except BaseException:
-            # gather() has cancelled the futures by now: abort every request that has no result.
-            self.abort([request_id for request_id, future in futures if future.cancelled() or not future.done()])
-            raise
-        finally:
-            with self._lock:
-                for request_id, _ in futures:
-                    self._release(request_id, params)
+        return request_ids
 
     def abort(self, request_ids: list[str]) -> None:
         """Stop generating for these requests (a client went away or timed out)."""
@@ -168,10 +193,12 @@ class WorkerPool:
         for worker, ids in by_worker.items():
             self.inboxes[worker].put(("abort", ids))
 
-    def _release(self, request_id: str, params: dict[str, Any]) -> None:
-        entry = self._pending.pop(request_id, None)
-        if entry is not None:
-            self._load[entry[0]] = max(0, self._load[entry[0]] - params.get("n", 1))
+    def _release(self, request_ids: list[str], params: dict[str, Any]) -> None:
+        with self._lock:
+            for request_id in request_ids:
+                entry = self._pending.pop(request_id, None)
+                if entry is not None:
+                    self._load[entry[0]] = max(0, self._load[entry[0]] - params.get("n", 1))
 
     # -- commands
 
@@ -244,17 +271,19 @@ class WorkerPool:
         for entry in entries:
             self._resolve(entry, error)
 
-    def _resolve(self, entry: tuple[int, asyncio.Future] | None, value: Any) -> None:
+    def _resolve(self, entry: tuple[int, asyncio.Future | asyncio.Queue] | None, value: Any) -> None:
         if entry is None or self.loop is None:
             return
-        future = entry[1]
+        sink = entry[1]
 
         def settle() -> None:
-            if future.done():
+            if isinstance(sink, asyncio.Queue):
+                sink.put_nowait(value)
+            elif sink.done():
                 return
-            if isinstance(value, BaseException):
-                future.set_exception(value)
+            elif isinstance(value, BaseException):
+                sink.set_exception(value)
             else:
-                future.set_result(value)
+                sink.set_result(value)
 
         self.loop.call_soon_threadsafe(settle)
