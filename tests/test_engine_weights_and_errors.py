@@ -71,6 +71,8 @@ def test_bad_prompts_raise(llm):
         llm.generate([[1, 99999]], GREEDY)
     with pytest.raises(ValueError, match="non-empty list"):
         llm.generate([], GREEDY)
+    with pytest.raises(ValueError, match=r"n \(1000\) must be <= max_num_seqs"):
+        llm.generate([[1, 2]], SamplingParams(n=1000))
     # The engine still serves after refusing.
     assert llm.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids
 

@@ -113,6 +113,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids)
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n ({params.n}) must be <= max_num_seqs ({self.config.max_num_seqs})")
         request = _Request(request_id, prompt, list(prompt_token_ids), stream)
         stop_ids = self._stop_token_ids(params)
         for index in range(params.n):
