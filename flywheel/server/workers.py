@@ -1,5 +1,6 @@
 """The pool of data-parallel engine processes, seen from the HTTP process: start them, spread each
-request's prompts over them (least loaded first), gather results in order, run commands on all.
+request's prompts over them (least loaded first), gather results in order or stream their progress,
+run commands on all.
 
 Each of the `data_parallel_size` processes (engine_worker.py) owns one engine, which itself drives
 its `tensor_parallel_size` ranks.
