@@ -3,10 +3,10 @@
 The time of each optimizer step is split into generation / reward / train / weight sync (the trainer's
 own `time/*` logs); the first `--warmup` steps are left out.
 
-GPU:  python bench/grpo_step.py --model-shape qwen2.5-0.5b --device cuda --prompts 64 --num-generations 8 \
+GPU:  python -m bench.grpo_step --model-shape qwen2.5-0.5b --device cuda --prompts 64 --num-generations 8 \
           --max-completion-length 256 --out grpo_step.json
       (server mode runs when a second GPU is visible: the server on GPU 1, the trainer on GPU 0)
-CPU:  python bench/grpo_step.py --model-shape tiny --device cpu --prompts 4 --num-generations 4 \
+CPU:  python -m bench.grpo_step --model-shape tiny --device cpu --prompts 4 --num-generations 4 \
           --max-completion-length 32 --micro-batch 16 --steps 1
 
 Prints a table last and writes JSON (--out).
@@ -24,20 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run by path, this folder would come first on sys.path and shadow packages transformers probes.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
-
-from bench.shapes import SHAPES, model_config  # noqa: E402
-from flywheel import GRPOConfig, GRPOTrainer  # noqa: E402
-from flywheel.server.launch import free_port, launch_server  # noqa: E402
-from flywheel.testing import byte_tokenizer  # noqa: E402
-from flywheel.trainer.metrics import PHASES  # noqa: E402
-from flywheel.trainer.rewards import char_fraction_reward  # noqa: E402
+from bench.shapes import SHAPES, write_checkpoint
+from flywheel import GRPOConfig, GRPOTrainer
+from flywheel.server.launch import free_port, launch_server
+from flywheel.trainer.metrics import PHASES
+from flywheel.trainer.rewards import char_fraction_reward
 
 MODES = ("none", "colocate", "server")
 
@@ -54,16 +49,6 @@ class StepClock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.durations.append(time.perf_counter() - self._start)
-
-
-def write_checkpoint(shape: str, folder: Path, dtype: torch.dtype, seed: int) -> str:
-    """Random weights in the shape's config (and the byte tokenizer), saved where the engine can load them."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype)
-    model.save_pretrained(folder, safe_serialization=True)
-    byte_tokenizer().save_pretrained(folder)
-    del model
-    return str(folder)
 
 
 def random_prompts(count: int, length: int, seed: int) -> list[str]:
@@ -145,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="flywheel-grpo-bench-") as tmp:
         workdir = Path(tmp)
-        checkpoint = write_checkpoint(options.model_shape, workdir / "model",
-                                      torch.bfloat16 if on_gpu else torch.float32, options.seed)
+        checkpoint = str(workdir / "model")
+        write_checkpoint(checkpoint, options.model_shape, torch.bfloat16 if on_gpu else torch.float32, options.seed)
         for mode in modes:
             if mode == "server":
                 server_options = dict(dtype="bfloat16", env={"CUDA_VISIBLE_DEVICES": "1"}) if on_gpu else \

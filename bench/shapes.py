@@ -7,7 +7,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import Qwen2Config, Qwen3Config
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 from flywheel.testing import byte_tokenizer
 
@@ -72,3 +73,12 @@ def model_folder(shape: str) -> str:
     model_config(shape).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return str(folder)
+
+
+def write_checkpoint(folder: str | Path, shape: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """Save a random-weight model of ``shape`` (with the byte tokenizer) to ``folder``; returns the model."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    byte_tokenizer().save_pretrained(folder)
+    return model

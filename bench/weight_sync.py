@@ -20,21 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from bench.shapes import SHAPES, model_config
+from bench.shapes import SHAPES, write_checkpoint
 from flywheel import GenerationClient
 from flywheel.server.launch import free_port, launch_server
-from flywheel.testing import byte_tokenizer
 from flywheel.weight_sync import DEFAULT_BUCKET_BYTES, ParamSpec, WeightSyncGroup, dtype_name, plan_buckets
-
-
-def write_checkpoint(folder: Path, shape: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Save a random-weight model of `shape` (with the byte tokenizer) to `folder`; returns the model."""
-    model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype)
-    model.save_pretrained(folder, safe_serialization=True)
-    byte_tokenizer().save_pretrained(folder)
-    return model
 
 
 def receiver(rank: int, world_size: int, port: int, backend: str, device: str, bucket_sizes: list[int],
