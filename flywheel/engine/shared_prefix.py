@@ -45,7 +45,9 @@ class SharedPrefixLayout:
             # A decoding row's last block is its own (copy-on-write), so shared blocks are full.
             limit = min(len(t) for t in tables) - 1
             common = 0
-            while common < limit and all(t[common] == tables[0][common] for t in tables):
+            for column in zip(*tables):
+                if common == limit or len(set(column)) > 1:
+                    break
                 common += 1
             if common:
                 groups.append((rows, tables[0][:common]))
