@@ -14,9 +14,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel import GenerationClient, LLM, SamplingParams
+from flywheel.server.app import encode_conversation
 from flywheel.server.launch import free_port, launch_server
 
 API_KEY = "test-key"
@@ -158,6 +159,49 @@ def test_oversized_body_gets_413(client):
     response = client.http.post("/generate", json={"prompts": [[1] * 600_000]})
 
     assert response.status_code == 413 and "max_request_mb" in response.json()["detail"]
+
+
+LONG_TEXT = "x" * 1000  # 1000 byte tokens: 24 left of the tiny model's max_model_len 1024
+MAX_MODEL_LEN = 1024
+LONG_CONVERSATION = [{"role": "user", "content": LONG_TEXT}]
+OVER_MAX_MODEL_LEN = [
+    ("/generate", {"prompts": ["hi", LONG_TEXT], "max_tokens": 30}, "max_tokens", "prompts[1]"),
+    ("/chat", {"messages": [LONG_CONVERSATION], "max_tokens": 30}, "max_tokens", "messages[0]"),
+    ("/v1/completions", {"prompt": LONG_TEXT, "max_tokens": 30, "stream": True}, "max_tokens", "prompt[0]"),
+    ("/v1/chat/completions", {"messages": LONG_CONVERSATION, "max_tokens": 30}, "max_tokens", "messages[0]"),
+    ("/v1/chat/completions", {"messages": LONG_CONVERSATION, "max_completion_tokens": 30}, "max_completion_tokens",
+     "messages[0]"),
+]
+
+
+@pytest.mark.parametrize("path,payload,field,prompt", OVER_MAX_MODEL_LEN,
+                         ids=[f"{o[0]}:{o[2]}" for o in OVER_MAX_MODEL_LEN])
+def test_prompt_plus_max_tokens_over_max_model_len_gets_400_saying_the_room_left(client, tiny_checkpoints, path,
+                                                                                 payload, field, prompt):
+    response = client.http.post(path, json=payload)
+
+    prompt_tokens = len(LONG_TEXT)
+    if "messages" in payload:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["qwen2"])
+        prompt_tokens = len(encode_conversation(tokenizer, LONG_CONVERSATION, {}))
+    assert response.status_code == 400, response.text
+    room = MAX_MODEL_LEN - prompt_tokens
+    assert response.json()["detail"] == (f"{field}: 30 is too many for {prompt}: at most {room} (max_model_len "
+                                         f"{MAX_MODEL_LEN} - {prompt_tokens} prompt tokens)")
+
+
+def test_max_tokens_that_fill_max_model_len_exactly_are_all_generated(client):
+    out = client.generate([LONG_TEXT], max_tokens=MAX_MODEL_LEN - len(LONG_TEXT), logprobs=None,
+                          generation_kwargs={"ignore_eos": True})
+
+    assert len(out["completion_ids"][0]) == MAX_MODEL_LEN - len(LONG_TEXT) and out["finish_reasons"] == ["length"]
+
+
+def test_openai_default_max_tokens_is_lowered_to_the_room_left(client):
+    response = client.http.post("/v1/completions", json={"prompt": "x" * (MAX_MODEL_LEN - 4), "ignore_eos": True})
+
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 4
 
 
 def test_server_keeps_serving_after_bad_requests(client, offline):

@@ -22,7 +22,7 @@ LONG = dict(prompts=["x"] * 16, temperature=1.0, max_tokens=1000, generation_kwa
 def server(tiny_checkpoints, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     srv = ServerProcess(tiny_checkpoints["qwen2"], log_path=log, request_timeout=1, kv_cache_memory_gb=0.05,
-                        max_model_len=1024).wait_ready()
+                        max_model_len=1024, max_num_seqs=4).wait_ready()
     yield srv
     srv.stop()
 
@@ -71,6 +71,13 @@ def test_stream_over_the_timeout_ends_with_an_error_event_and_is_aborted(server)
     assert json.loads(events[0])["choices"][0]["index"] in range(4)
     assert json.loads(events[-1])["error"]["code"] == 504 and "request_timeout" in events[-1]
     assert engines_idle(server.base_url)
+
+
+def test_request_the_engine_refuses_gets_400_saying_why(server):
+    response = httpx.post(f"{server.base_url}/generate", json={"prompts": ["hi"], "n": 8}, timeout=30)
+
+    assert response.status_code == 400
+    assert "n (8) must be <= max_num_seqs (4)" in response.json()["detail"]
 
 
 def test_dead_engine_worker_gives_503_with_a_reason(server):

@@ -65,17 +65,22 @@ class ServerState:
 
     @property
     def max_prompt_length(self) -> int | None:
-        if self.options.max_prompt_length is not None:
-            return self.options.max_prompt_length
-        return self.pool.max_model_len - 1 if self.pool.max_model_len else None
+        longest = self.pool.max_model_len - 1 if self.pool.max_model_len else None
+        if self.options.max_prompt_length is None:
+            return longest
+        return min(self.options.max_prompt_length, longest) if longest else self.options.max_prompt_length
 
     # -- request checks (400 naming the field)
 
-    def check_prompt_ids(self, prompt_ids: list[list[int]], field: str) -> list[list[int]]:
+    def check_prompt_ids(self, prompt_ids: list[list[int]], field: str, max_tokens: int,
+                         max_tokens_field: str = "max_tokens") -> list[list[int]]:
+        """Check tokenized prompts, and that each leaves room for `max_tokens` within max_model_len
+        (rather than the engine stopping early with finish_reason "length")."""
         if len(prompt_ids) > self.options.max_prompts_per_request:
             raise HTTPException(400, f"{field}: {len(prompt_ids)} prompts; at most "
                                      f"{self.options.max_prompts_per_request} per request (--max_prompts_per_request)")
         limit = self.max_prompt_length
+        max_model_len = self.pool.max_model_len
         for index, ids in enumerate(prompt_ids):
             if not ids:
                 raise HTTPException(400, f"{field}[{index}]: the prompt is empty")
@@ -86,7 +91,17 @@ class ServerState:
             if limit is not None and len(ids) > limit:
                 raise HTTPException(400, f"{field}[{index}]: {len(ids)} tokens; the longest prompt this "
                                          f"server takes is {limit} tokens")
+            if max_model_len is not None and len(ids) + max_tokens > max_model_len:
+                room = max_model_len - len(ids)
+                raise HTTPException(400, f"{max_tokens_field}: {max_tokens} is too many for {field}[{index}]: at "
+                                         f"most {room} (max_model_len {max_model_len} - {len(ids)} prompt tokens)")
         return prompt_ids
+
+    def fit_default_max_tokens(self, prompt_ids: list[list[int]], max_tokens: int) -> int:
+        """`max_tokens` lowered to what the longest prompt leaves within max_model_len (for defaults)."""
+        if self.pool.max_model_len is None:
+            return max_tokens
+        return max(1, min(max_tokens, self.pool.max_model_len - max(len(ids) for ids in prompt_ids)))
 
     def sampling_params(self, request: SamplingFields) -> dict[str, Any]:
         """The SamplingParams keyword arguments of a request, validated by SamplingParams itself."""
@@ -229,7 +244,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(EngineRejected)
     async def _engine_rejected(request: Request, error: EngineRejected) -> JSONResponse:
-        return JSONResponse(status_code=400, content={"detail": f"prompts: {error}"})
+        return JSONResponse(status_code=400, content={"detail": f"the engine refused the request: {error}"})
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, error: ClientGone) -> Response:
@@ -253,7 +268,7 @@ def create_app(state: ServerState) -> FastAPI:
             prompt_ids = [encode_text(state.tokenizer, prompt) for prompt in body.prompts]
         else:
             prompt_ids = body.prompts
-        prompt_ids = state.check_prompt_ids(state.truncate(prompt_ids, body), "prompts")
+        prompt_ids = state.check_prompt_ids(state.truncate(prompt_ids, body), "prompts", params["max_tokens"])
         outputs = await state.generate(request, prompt_ids, params)
         return generate_response(outputs, params["logprobs"] is not None)
 
@@ -265,7 +280,7 @@ def create_app(state: ServerState) -> FastAPI:
                                               body.chat_template_kwargs) for conv in body.messages]
         except Exception as error:
             raise HTTPException(400, f"messages: the chat template failed: {error}") from error
-        prompt_ids = state.check_prompt_ids(state.truncate(prompt_ids, body), "messages")
+        prompt_ids = state.check_prompt_ids(state.truncate(prompt_ids, body), "messages", params["max_tokens"])
         outputs = await state.generate(request, prompt_ids, params)
         return generate_response(outputs, params["logprobs"] is not None)
 

@@ -110,8 +110,12 @@ def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
                         in_flight.add(request_id)
                         if stream:
                             streams[request_id] = {}
-                    except Exception as error:
+                    except ValueError as error:  # the request's fault: a 400 naming what to fix
                         outbox.put(("rejected", dp_rank, request_id, f"{error}"))
+                    except Exception as error:
+                        logger.exception("adding request %s failed", request_id)
+                        outbox.put(("failed", dp_rank, request_id,
+                                    f"the engine failed: {type(error).__name__}: {error}"))
             elif kind == "abort":
                 for request_id in message[1]:
                     engine.abort_request(request_id)
@@ -219,7 +223,8 @@ def _call_update_weights(dp_rank, options, llm, buckets):
 
 
 def _call_stats(dp_rank, options, llm):
-    return {"busy": llm.engine.has_unfinished_requests(), **dataclasses.asdict(llm.engine.stats)}
+    return {"dp_rank": dp_rank, "pid": os.getpid(), "busy": llm.engine.has_unfinished_requests(),
+            **dataclasses.asdict(llm.engine.stats)}
 
 
 def _call_reset_prefix_cache(dp_rank, options, llm):

@@ -102,7 +102,9 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
             prompt_ids = [encode_text(state.tokenizer, text) for text in prompts]
         else:
             prompt_ids = prompts
-        prompt_ids = state.check_prompt_ids(prompt_ids, "prompt")
+        if body.max_tokens is None:
+            params["max_tokens"] = state.fit_default_max_tokens(prompt_ids, params["max_tokens"])
+        prompt_ids = state.check_prompt_ids(prompt_ids, "prompt", params["max_tokens"])
         if body.stream:
             return await stream_response(state, request, prompt_ids, params, body, chat=False)
         outputs = await state.generate(request, prompt_ids, params)
@@ -125,7 +127,10 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
             prompt_ids = [encode_conversation(state.tokenizer, conversation, body.chat_template_kwargs)]
         except Exception as error:
             raise HTTPException(400, f"messages: the chat template failed: {error}") from error
-        prompt_ids = state.check_prompt_ids(prompt_ids, "messages")
+        if body.max_completion_tokens is None and body.max_tokens is None:
+            params["max_tokens"] = state.fit_default_max_tokens(prompt_ids, params["max_tokens"])
+        max_tokens_field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+        prompt_ids = state.check_prompt_ids(prompt_ids, "messages", params["max_tokens"], max_tokens_field)
         if body.stream:
             return await stream_response(state, request, prompt_ids, params, body, chat=True)
         outputs = await state.generate(request, prompt_ids, params)

@@ -91,6 +91,7 @@ class WorkerPool:
                 self.param_shapes = info.get("param_shapes") or self.param_shapes
         self._reader = threading.Thread(target=self._read_outbox, name="flywheel-outbox", daemon=True)
         self._reader.start()
+        threading.Thread(target=self._watch_processes, name="flywheel-watchdog", daemon=True).start()
 
     def _device_slices(self) -> list[str | None]:
         tp, dp = self.options.tensor_parallel_size, self.options.data_parallel_size
@@ -236,7 +237,6 @@ class WorkerPool:
             try:
                 message = self.outbox.get(timeout=IDLE_POLL_S)
             except (queue.Empty, EOFError, OSError):
-                self._check_processes()
                 continue
             kind = message[0]
             if kind == "outputs":
@@ -254,10 +254,15 @@ class WorkerPool:
             elif kind == "fatal":
                 self._mark_dead(f"engine worker dp{message[1]} failed: {message[2]}")
 
-    def _check_processes(self) -> None:
-        for process in self.processes:
-            if not process.is_alive() and not self._stopping:
-                self._mark_dead(f"engine worker {process.name} exited (code {process.exitcode}); restart the server")
+    def _watch_processes(self) -> None:
+        # Its own thread: under load the outbox is never idle, and a worker killed while writing to it
+        # can leave the reader blocked on a half-written message; either way its requests must fail.
+        while not self._stopping and self.dead_reason is None:
+            for process in self.processes:
+                if not process.is_alive() and not self._stopping:
+                    self._mark_dead(f"engine worker {process.name} exited (code {process.exitcode}); "
+                                    "restart the server")
+            time.sleep(IDLE_POLL_S)
 
     def _mark_dead(self, reason: str) -> None:
         if self.dead_reason is None:
