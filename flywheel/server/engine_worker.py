@@ -27,6 +27,11 @@ def worker_main(dp_rank: int, options: ServerOptions, cuda_devices: str | None, 
     """Entry point of one data-parallel worker process."""
     if cuda_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_devices
+    else:
+        import torch
+
+        # The data-parallel engines share the CPU's cores; more threads than cores slows every step.
+        torch.set_num_threads(max(1, torch.get_num_threads() // options.data_parallel_size))
     # Ctrl+C reaches the whole process group; the HTTP process stops the workers in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=_logging_level(options.log_level),

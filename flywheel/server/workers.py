@@ -126,7 +126,8 @@ class WorkerPool:
 
     @property
     def healthy(self) -> bool:
-        return self.dead_reason is None and all(p.is_alive() for p in self.processes)
+        self._check_processes()
+        return self.dead_reason is None and not self._stopping
 
     # -- generation
 
@@ -168,12 +169,13 @@ class WorkerPool:
     def _submit(self, prompts: list[list[int]], params: dict[str, Any], sinks: list, stream: bool) -> list[str]:
         """Send each prompt to the least loaded worker; its results go to its sink (a future, or a
         queue that gets every progress). Returns the request ids."""
-        self._check_alive()
+        self._check_processes()
         base = f"r{next(self._ids)}"
         weight = params.get("n", 1)
         batches: dict[int, list] = {}
         request_ids = []
         with self._lock:
+            self._check_alive()
             for index, (prompt_ids, sink) in enumerate(zip(prompts, sinks)):
                 worker = min(range(len(self._load)), key=self._load.__getitem__)
                 self._load[worker] += weight
@@ -210,10 +212,11 @@ class WorkerPool:
 
     def start_call_all(self, name: str, *args: Any) -> list[asyncio.Future]:
         """Send a command to every worker; returns one future per worker."""
-        self._check_alive()
+        self._check_processes()
         loop = self._bind_loop()
         futures = []
         with self._lock:
+            self._check_alive()
             for worker, inbox in enumerate(self.inboxes):
                 call_id = next(self._ids)
                 future = loop.create_future()
@@ -229,8 +232,12 @@ class WorkerPool:
         return self.loop
 
     def _check_alive(self) -> None:
-        if not self.healthy:
-            raise WorkerDied(self.dead_reason or "an engine worker exited; restart the server")
+        # Called under self._lock, where _mark_dead sets dead_reason before it fails the pending
+        # work: what is added here is either refused or failed with the rest, never left waiting.
+        if self.dead_reason is not None:
+            raise WorkerDied(self.dead_reason)
+        if self._stopping:
+            raise WorkerDied("the server is shutting down")
 
     def _read_outbox(self) -> None:
         while not self._stopping:
@@ -258,17 +265,23 @@ class WorkerPool:
         # Its own thread: under load the outbox is never idle, and a worker killed while writing to it
         # can leave the reader blocked on a half-written message; either way its requests must fail.
         while not self._stopping and self.dead_reason is None:
-            for process in self.processes:
-                if not process.is_alive() and not self._stopping:
-                    self._mark_dead(f"engine worker {process.name} exited (code {process.exitcode}); "
-                                    "restart the server")
+            self._check_processes()
             time.sleep(IDLE_POLL_S)
 
+    def _check_processes(self) -> None:
+        for process in self.processes:
+            if not process.is_alive() and not self._stopping:
+                self._mark_dead(f"engine worker {process.name} exited (code {process.exitcode}); restart the server")
+                return
+
     def _mark_dead(self, reason: str) -> None:
-        if self.dead_reason is None:
+        with self._lock:
+            first = self.dead_reason is None
+            if first:
+                self.dead_reason = reason
+        if first:
             logger.error(reason)
-            self.dead_reason = reason
-        self._fail_all(WorkerDied(reason))
+            self._fail_all(WorkerDied(reason))
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
