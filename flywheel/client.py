@@ -58,6 +58,11 @@ class GenerationClient:
                 response = self.http.get("/health", timeout=min(5.0, self.request_timeout))
                 if response.status_code == 200:
                     return
+                if response.status_code == 401:
+                    raise PermissionError(
+                        f"the generation server at {self.base_url} refused the API key: pass api_key= or set "
+                        "FLYWHEEL_API_KEY to the key the server was started with (--api-key)"
+                    )
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
             except httpx.TransportError as error:
                 last = f"{type(error).__name__}: {error}"

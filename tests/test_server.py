@@ -236,13 +236,17 @@ def test_fuzzed_generate_requests_never_crash_the_server(client, payload):
     assert client.http.get("/health").status_code == 200
 
 
-def test_api_key_is_required_except_for_health(server):
-    assert httpx.get(f"{server.base_url}/health").status_code == 200
-    assert httpx.get(f"{server.base_url}/get_world_size").status_code == 401
+def test_api_key_is_required_on_every_endpoint(server):
+    for method, path in [("GET", "/health"), ("GET", "/get_world_size"), ("POST", "/generate"), ("POST", "/chat"),
+                         ("POST", "/init_communicator"), ("POST", "/batch_update_named_params"),
+                         ("POST", "/update_named_param"), ("POST", "/reset_prefix_cache"),
+                         ("POST", "/close_communicator"), ("GET", "/v1/models"), ("POST", "/v1/completions")]:
+        assert httpx.request(method, f"{server.base_url}{path}", json={}).status_code == 401, path
+    assert httpx.get(f"{server.base_url}/health", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
     wrong = httpx.get(f"{server.base_url}/get_world_size", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
-    with pytest.raises(ValueError, match="401"):
-        GenerationClient(base_url=server.base_url, connection_timeout=10).get_world_size()
+    with pytest.raises(PermissionError, match="refused the API key"):
+        GenerationClient(base_url=server.base_url, connection_timeout=10)
 
 
 def test_openapi_documents_every_endpoint(client):

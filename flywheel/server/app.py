@@ -255,8 +255,7 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "ok"})
         return JSONResponse(status_code=503, content={"status": "unavailable", "detail": state.pool.dead_reason})
 
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/health/", health, methods=["GET"], include_in_schema=False)
+    route("GET", "/health", health)
 
     async def get_world_size() -> WorldSizeResponse:
         return WorldSizeResponse(world_size=state.options.world_size)

@@ -34,8 +34,10 @@ class ServerProcess:
             argv += [f"--{name}", str(value)]
         self.log_path = Path(log_path) if log_path else None
         self._log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})})
+        environment = {**os.environ, **(env or {})}
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=environment)
+        api_key = options.get("api_key") or environment.get("FLYWHEEL_API_KEY")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def wait_ready(self, timeout_s: float = 180.0) -> ServerProcess:
         """Wait for /health to answer 200; raise with the end of the log if the server died or stalled."""
@@ -44,7 +46,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with code {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.base_url}/health", headers=self.headers, timeout=2.0).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

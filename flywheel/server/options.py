@@ -44,7 +44,7 @@ class ServerOptions:
     log_level: str = field(default="info", metadata={"help": f"Logging level: {', '.join(LOG_LEVELS)}."})
     api_key: str | None = field(
         default=None,
-        metadata={"help": "Require `Authorization: Bearer KEY` on every endpoint but /health "
+        metadata={"help": "Require `Authorization: Bearer KEY` on every endpoint, /health included "
                           "(default: the FLYWHEEL_API_KEY environment variable, else no key)."},
     )
     max_request_mb: float = field(default=128.0, metadata={"help": "Largest request body in MiB (413 beyond)."})
