@@ -92,7 +92,7 @@ def test_tp2_bf16_logprobs_within_tolerance_of_tp1(wide_checkpoint):
     top_found = sum(max(one, key=one.get) in two for one, two in zip(single, sharded))
     assert top_found >= 0.95 * len(prompts), f"tp=1's top token in tp=2's top-8 for only {top_found}/{len(prompts)}"
     worst = max(abs(one[t] - two[t]) for one, two in zip(single, sharded) for t in one.keys() & two.keys())
-    assert worst < 0.05, f"largest tp=2 vs tp=1 logprob difference {worst:.4f}"
+    assert worst < 0.1, f"largest tp=2 vs tp=1 logprob difference {worst:.4f}"  # top-8 spread ~0.8
 
 
 @pytest.fixture(scope="module")
