@@ -67,7 +67,7 @@ stop_server() {
 trap stop_server EXIT
 
 started=$(date +%s)
-until curl -sf "http://127.0.0.1:$PORT/health" > /dev/null; do
+until curl -sf ${FLYWHEEL_API_KEY:+-H "Authorization: Bearer $FLYWHEEL_API_KEY"} "http://127.0.0.1:$PORT/health" > /dev/null; do
   if ! kill -0 "$SERVER_PID" 2> /dev/null; then
     echo "the server exited while loading:" >&2
     tail -30 "$OUT/server.log" >&2
