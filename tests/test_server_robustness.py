@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from flywheel import GenerationClient
-from flywheel.server.launch import ServerProcess
+from flywheel.server.launch import ServerProcess, free_port
 
 LONG = dict(prompts=["x"] * 16, temperature=1.0, max_tokens=1000, generation_kwargs={"ignore_eos": True})
 
@@ -22,7 +22,7 @@ LONG = dict(prompts=["x"] * 16, temperature=1.0, max_tokens=1000, generation_kwa
 def server(tiny_checkpoints, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     srv = ServerProcess(tiny_checkpoints["qwen2"], log_path=log, request_timeout=1, kv_cache_memory_gb=0.05,
-                        max_model_len=1024, max_num_seqs=4).wait_ready()
+                        max_model_len=1024, max_num_seqs=4, communicator_timeout=3).wait_ready()
     yield srv
     srv.stop()
 
@@ -78,6 +78,15 @@ def test_request_the_engine_refuses_gets_400_saying_why(server):
 
     assert response.status_code == 400
     assert "n (8) must be <= max_num_seqs (4)" in response.json()["detail"]
+
+
+def test_init_communicator_times_out_when_the_client_never_joins(server):
+    started = time.monotonic()
+    response = httpx.post(f"{server.base_url}/init_communicator",
+                          json={"host": "127.0.0.1", "port": free_port(), "world_size": 2}, timeout=60)
+    assert response.status_code == 504 and "did the client join" in response.json()["detail"]
+    assert time.monotonic() - started < 30
+    assert httpx.post(f"{server.base_url}/generate", json={"prompts": ["hi"], "max_tokens": 2}).status_code == 200
 
 
 def test_dead_engine_worker_gives_503_with_a_reason(server):

@@ -310,7 +310,8 @@ def create_app(state: ServerState) -> FastAPI:
                                                        body.world_size, backend), timeout)
         except (RuntimeError, TimeoutError) as error:
             await state.pool.call_all("close_communicator")
-            raise HTTPException(500, f"init_communicator failed: {error}") from error
+            raise HTTPException(504, f"the weight-sync group did not form within {state.options.communicator_timeout:.0f} s "
+                                     f"(did the client join at {body.host}:{body.port}?): {error}") from error
         state.communicator_open = True
         return {}
 
