@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, given, HealthCheck, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -219,6 +219,7 @@ FUZZ_FIELDS = ["prompts", "n", "temperature", "top_p", "top_k", "min_p", "max_to
                "repetition_penalty", "truncate_prompt_tokens"]
 
 
+@example(payload={"generation_kwargs": {"max_tokens": None}})
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=st.dictionaries(st.sampled_from(FUZZ_FIELDS), FUZZ_VALUES).flatmap(
     lambda fields: st.dictionaries(

@@ -72,7 +72,7 @@ class ServerState:
 
     # -- request checks (400 naming the field)
 
-    def check_prompt_ids(self, prompt_ids: list[list[int]], field: str, max_tokens: int,
+    def check_prompt_ids(self, prompt_ids: list[list[int]], field: str, max_tokens: int | None,
                          max_tokens_field: str = "max_tokens") -> list[list[int]]:
         """Check tokenized prompts, and that each leaves room for `max_tokens` within max_model_len
         (rather than the engine stopping early with finish_reason "length")."""
@@ -91,7 +91,8 @@ class ServerState:
             if limit is not None and len(ids) > limit:
                 raise HTTPException(400, f"{field}[{index}]: {len(ids)} tokens; the longest prompt this "
                                          f"server takes is {limit} tokens")
-            if max_model_len is not None and len(ids) + max_tokens > max_model_len:
+            # max_tokens None means "until max_model_len": it always fits.
+            if max_model_len is not None and max_tokens is not None and len(ids) + max_tokens > max_model_len:
                 room = max_model_len - len(ids)
                 raise HTTPException(400, f"{max_tokens_field}: {max_tokens} is too many for {field}[{index}]: at "
                                          f"most {room} (max_model_len {max_model_len} - {len(ids)} prompt tokens)")
