@@ -220,7 +220,8 @@ FUZZ_FIELDS = ["prompts", "n", "temperature", "top_p", "top_k", "min_p", "max_to
 
 
 @example(payload={"generation_kwargs": {"max_tokens": None}})
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Derandomized: the same examples on every run, so a CI run cannot fail on a draw no developer saw.
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=st.dictionaries(st.sampled_from(FUZZ_FIELDS), FUZZ_VALUES).flatmap(
     lambda fields: st.dictionaries(
         st.sampled_from(["min_tokens", "ignore_eos", "stop_token_ids", "logprobs_mode", "presence_penalty",
