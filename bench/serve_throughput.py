@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.shapes import SHAPES, WORKLOADS, model_config
-from bench.weight_sync import write_checkpoint
+from bench.shapes import write_checkpoint
 from flywheel import GenerationClient
 from flywheel.server.launch import launch_server
 
