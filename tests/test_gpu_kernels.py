@@ -223,3 +223,46 @@ def test_rotary_embedding_matches_hf_rotate_half(dtype, heads, kv_heads, head_di
     assert_matches(q.view(tokens, heads, head_dim), q_before * cos + rotate_half(q_before) * sin, dtype)
     assert_matches(k, k_before * cos + rotate_half(k_before) * sin, dtype)
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [1000, 151936])
+def test_draw_tokens_greedy_rows_and_logprobs(dtype, vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (3 * torch.randn(6, vocab, generator=gen)).to(dtype).to(DEVICE)
+    temperature = torch.tensor([0.0, 1.0, 0.7, 1.0, 2.0, 0.0], device=DEVICE)
+    ids, logprobs = kernels.draw_tokens(logits, temperature, step_seed=3)
+    ids = ids.long()
+    greedy = temperature == 0
+    assert torch.equal(ids[greedy], logits.float().argmax(-1)[greedy])
+    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    expected = torch.log_softmax(logits.float() / scale[:, None], -1).gather(1, ids[:, None])[:, 0]
+    torch.testing.assert_close(logprobs.float(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_draw_tokens_follows_the_tempered_softmax(temperature):
+    from scipy.stats import chisquare
+
+    draws = 20000
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 0.3, 0.8, 1.2, -2.0, 0.1], device=DEVICE)
+    ids = kernels.draw_tokens(logits.repeat(draws, 1), torch.full((draws,), temperature, device=DEVICE), 11)[0]
+    counts = torch.bincount(ids.long().cpu(), minlength=12).double()
+    expected = (logits.cpu().double() / temperature).softmax(-1) * draws
+    assert chisquare(counts, expected).pvalue > 1e-3
+
+
+@pytest.mark.gpu
+def test_draw_tokens_row_seed_decides_the_draw_and_masked_tokens_never_win():
+    logits = torch.zeros(64, 500, device=DEVICE)
+    logits[:, 250:] = float("-inf")
+    seeds = torch.full((64,), -1, dtype=torch.long, device=DEVICE)
+    seeds[[5, 40]] = 1234
+    ones = torch.ones(64, device=DEVICE)
+    first = kernels.draw_tokens(logits, ones, step_seed=1, row_seeds=seeds)[0].long()
+    second = kernels.draw_tokens(logits, ones, step_seed=2, row_seeds=seeds)[0].long()
+    assert first[5] == first[40] == second[5] == second[40]
+    assert not torch.equal(first, second)
+    assert int(first.max()) < 250 and int(second.max()) < 250

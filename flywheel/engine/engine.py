@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from flywheel.engine.config import EngineConfig
@@ -118,7 +117,7 @@ class LLMEngine:
         request = _Request(request_id, prompt, list(prompt_token_ids), stream)
         stop_ids = self._stop_token_ids(params)
         for index in range(params.n):
-            seq = Sequence(request_id, index, prompt_token_ids, params, self._generator(params, index))
+            seq = Sequence(request_id, index, prompt_token_ids, params, self._completion_seed(params, index))
             seq.stop_token_ids = stop_ids
             request.seqs.append(seq)
         parent = request.seqs[0]
@@ -139,10 +138,9 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
 
-    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
-        if params.seed is None:
-            return None
-        return torch.Generator(device=self.runner.device).manual_seed(hash((params.seed, index)) & 0x7FFF_FFFF_FFFF)
+    @staticmethod
+    def _completion_seed(params: SamplingParams, index: int) -> int | None:
+        return None if params.seed is None else hash((params.seed, index)) & 0x7FFF_FFFF_FFFF
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -173,9 +171,11 @@ class LLMEngine:
                 self.block_manager.register_computed_blocks(seq)
                 self._fork(seq)
         else:
+            block_size = self.block_manager.block_size
             for seq in batch.seqs:
-                seq.num_cached_tokens = len(seq)
-                self.block_manager.register_computed_blocks(seq)
+                seq.num_cached_tokens = len(seq.token_ids)
+                if seq.num_cached_tokens // block_size > seq.num_hashed_blocks:
+                    self.block_manager.register_computed_blocks(seq)
         finished = self._append_tokens(rows, sampled, stop_ids)
         self.scheduler.remove_finished()
         self.stats.preemptions = self.scheduler.num_preemptions
@@ -197,6 +197,7 @@ class LLMEngine:
     def _append_tokens(self, rows: list[Sequence], sampled: SamplerOutput, stop_ids: list[set[int]]) -> list[RequestOutput]:
         finished_requests = []
         streamed: dict[str, _Request] = {}
+        any_streamed = any(request.stream for request in self.requests.values())
         for row, seq in enumerate(rows):
             token = sampled.token_ids[row]
             seq.token_ids.append(token)
@@ -207,7 +208,6 @@ class LLMEngine:
                 for rank, (top_id, value) in enumerate(zip(top_ids, top_values), start=1):
                     entry.setdefault(top_id, Logprob(value, rank))
                 seq.logprobs.append(entry)
-            self.stats.generated_tokens += 1
             reason = self._finish_reason(seq, token, stop_ids[row])
             if reason is not None:
                 seq.finish_reason = reason
@@ -215,9 +215,11 @@ class LLMEngine:
                 request = self.requests.get(seq.request_id)
                 if request is not None and all(s.is_finished for s in request.seqs):
                     finished_requests.append(self._request_output(self.requests.pop(seq.request_id)))
-            request = self.requests.get(seq.request_id)
-            if request is not None and request.stream:
-                streamed[request.request_id] = request
+            if any_streamed:
+                request = self.requests.get(seq.request_id)
+                if request is not None and request.stream:
+                    streamed[request.request_id] = request
+        self.stats.generated_tokens += len(rows)
         partial = [self._request_output(request, finished=False) for request in streamed.values()]
         return finished_requests + partial
 

@@ -96,6 +96,7 @@ class BlockManager:
         for _ in range(seq.num_blocks_needed(self.block_size) - len(hits)):
             seq.block_table.append(self._take_free_block().block_id)
         # The last prompt token is always recomputed: its logits are what the next token comes from.
+        seq.table_version += 1
         seq.num_cached_tokens = min(len(hits) * self.block_size, len(seq) - 1)
         seq.num_hashed_blocks = len(hits)
         self.prefix_cache_hit_tokens += seq.num_cached_tokens
@@ -109,8 +110,14 @@ class BlockManager:
         for block_id in reversed(seq.block_table):
             self._release(block_id)
         seq.block_table = []
+        seq.table_version += 1
         seq.num_cached_tokens = 0
         seq.num_hashed_blocks = 0
+
+    def has_room_to_append(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s last token goes into a block it already owns alone (most decode steps)."""
+        position = len(seq.token_ids) - 1
+        return position % self.block_size != 0 and self.blocks[seq.block_table[-1]].ref_count == 1
 
     def blocks_needed_to_append(self, seq: Sequence) -> int:
         """Blocks a decode step of ``seq`` needs: one for a new block or a copy of a shared one."""
@@ -124,6 +131,7 @@ class BlockManager:
         position = len(seq) - 1
         if position // self.block_size >= len(seq.block_table):
             seq.block_table.append(self._take_free_block().block_id)
+            seq.table_version += 1
             return None
         last = self.blocks[seq.block_table[-1]]
         if last.ref_count == 1:
@@ -131,6 +139,7 @@ class BlockManager:
         copy = self._take_free_block()
         last.ref_count -= 1
         seq.block_table[-1] = copy.block_id
+        seq.table_version += 1
         return last.block_id, copy.block_id
 
     def register_computed_blocks(self, seq: Sequence) -> None:

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig
 
 from flywheel.engine import attention
+from flywheel.engine.block_tables import DecodeBlockTables
 from flywheel.engine.config import EngineConfig
 from flywheel.engine.cuda_graphs import DecodeGraphs
 from flywheel.engine.distributed import TensorParallelGroup
@@ -88,6 +89,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
+        self.decode_block_tables = DecodeBlockTables()
 
     def _randomize_weights(self) -> None:
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed + self.tp.rank)
@@ -219,32 +221,31 @@ class ModelRunner:
         )
 
     def _prepare_decode(self, batch: ScheduledBatch) -> StepInputs:
-        block_size = self.block_size
-        seq_lens = [len(seq) for seq in batch.seqs]
-        positions = [length - 1 for length in seq_lens]
-        slots = [
-            seq.block_table[position // block_size] * block_size + position % block_size
-            for seq, position in zip(batch.seqs, positions)
-        ]
+        seqs = batch.seqs
+        tables = self.decode_block_tables.update(seqs)
+        seq_lens = torch.tensor([len(seq.token_ids) for seq in seqs], dtype=torch.int32)
+        positions = seq_lens.long() - 1
+        last_blocks = tables.gather(1, (positions // self.block_size)[:, None])[:, 0].long()
         return StepInputs(
             is_prefill=False,
-            input_ids=torch.tensor([seq.token_ids[-1] for seq in batch.seqs], dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=self._block_tables(batch),
-            logits_indices=torch.arange(len(batch.seqs)),
-            max_seq_len=max(seq_lens),
+            input_ids=torch.tensor([seq.token_ids[-1] for seq in seqs], dtype=torch.long),
+            positions=positions,
+            slot_mapping=last_blocks * self.block_size + positions % self.block_size,
+            seq_lens=seq_lens,
+            block_tables=tables.contiguous(),
+            logits_indices=torch.arange(len(seqs)),
+            max_seq_len=int(positions.max()) + 1,
             max_q_len=1,
             block_copies=batch.block_copies,
             shared_prefix=self._shared_prefix(batch, seq_lens),
         )
 
-    def _shared_prefix(self, batch: ScheduledBatch, seq_lens: list[int]) -> SharedPrefixLayout | None:
+    def _shared_prefix(self, batch: ScheduledBatch, seq_lens: torch.Tensor) -> SharedPrefixLayout | None:
         # The Triton decode kernel reads the cache at the GPU's bandwidth; on the CPU, reading a
         # shared prompt once per group instead of once per completion is the larger win.
         if self.backend is not attention:
             return None
+        seq_lens = seq_lens.tolist()
         return SharedPrefixLayout.from_block_tables([seq.block_table for seq in batch.seqs], seq_lens, self.block_size)
 
     @staticmethod

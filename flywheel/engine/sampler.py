@@ -3,12 +3,15 @@
 Order of processing: penalties (repetition, presence, frequency), the min_tokens ban on stop
 tokens, temperature, then top-k / top-p / min-p truncation and the draw. "Processed" logprobs are
 the log-softmax after penalties and temperature; "raw" ones the log-softmax of the model's logits.
-Sampling uses the exponential-race form of the categorical draw (argmax of p / E with E ~ Exp(1)),
-so a request with a seed draws its noise from its own generator, whatever else is in the batch.
+The draw is the exponential race (argmax of p / E with E ~ Exp(1), i.e. Gumbel-max), so a request
+with a seed draws its noise from its own stream, whatever else is in the batch. On a GPU the draw
+is one Triton pass over the logits (``kernels.sampling``), and a batch that needs none of the
+processing above beyond temperature goes through that pass alone.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -35,20 +38,60 @@ class SamplingTensors:
     frequency_penalty: torch.Tensor
 
 
+@dataclass
+class BatchSampling:
+    """What the sampler derives from a batch's sampling params; reused while the batch's rows stay."""
+
+    key: tuple[int, ...]
+    tensors: SamplingTensors
+    # Only temperature (and the ban of stop tokens before min_tokens) applies to any row.
+    temperature_only: bool
+    has_min_tokens: bool
+    has_seeds: bool
+
+
+def needs_processing(params, vocab_size: int) -> bool:
+    """Whether a request needs more than temperature before its draw, or top logprobs after it."""
+    return (
+        params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        or 0 < params.top_k < vocab_size or params.top_p < 1.0 or params.min_p > 0.0
+        or params.logprobs is not None or (params.logprobs_mode == "raw" and params.temperature not in (0.0, 1.0))
+    )
+
+
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device, seed: int) -> None:
         self.vocab_size = vocab_size
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        # Keys of the GPU draw's noise, one per step; seeded rows use their own.
+        self.step_seeds = random.Random(seed)
+        self.draw_tokens = None
+        if device.type == "cuda":
+            from flywheel.engine import kernels
+
+            self.draw_tokens = kernels.draw_tokens
+        self._batch: BatchSampling | None = None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> SamplerOutput:
+        batch = self._batch_sampling(seqs)
+        banned = []
+        if batch.has_min_tokens:
+            banned = [(row, ids) for row, (seq, ids) in enumerate(zip(seqs, stop_ids))
+                      if ids and seq.num_completion_tokens < seq.params.min_tokens]
+        if self.draw_tokens is not None and batch.temperature_only and not banned:
+            drawn = self.draw_tokens(logits, batch.tensors.temperature, self._step_seed(), self._row_seeds(seqs, batch))
+            ids, logprobs = drawn.cpu().tolist()
+            return SamplerOutput([int(t) for t in ids], logprobs, [None] * len(seqs))
+        return self._sample_processed(logits, seqs, batch, banned)
+
+    def _sample_processed(self, logits: torch.Tensor, seqs: list[Sequence], batch: BatchSampling, banned) -> SamplerOutput:
         logits = logits.float()
         raw_logits = logits
         params = [seq.params for seq in seqs]
-        tensors = self._tensors(seqs)
+        tensors = batch.tensors
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             logits = self._apply_penalties(logits, seqs, tensors)
-        banned = [(row, ids) for row, (seq, ids) in enumerate(zip(seqs, stop_ids)) if seq.num_completion_tokens < seq.params.min_tokens]
         if banned:
             logits = logits.clone()
             for row, ids in banned:
@@ -62,8 +105,14 @@ class Sampler:
             sampled = logits.argmax(dim=-1)
         else:
             probs = self._truncate(processed_logprobs.exp(), tensors, params)
-            noise = self._exponential_noise(probs.shape, seqs)
-            sampled = torch.where(greedy, logits.argmax(dim=-1), (probs / noise).argmax(dim=-1))
+            if self.draw_tokens is not None:
+                # The same noise as the temperature-only pass: truncation only masks tokens out.
+                kept = logits.masked_fill(probs == 0, float("-inf"))
+                sampled = self.draw_tokens(kept, greedy.float().neg().add(1.0), self._step_seed(),
+                                           self._row_seeds(seqs, batch))[0].long()
+            else:
+                noise = self._exponential_noise(probs.shape, seqs)
+                sampled = torch.where(greedy, logits.argmax(dim=-1), (probs / noise).argmax(dim=-1))
 
         want_raw = [p.logprobs_mode == "raw" for p in params]
         logprobs = processed_logprobs
@@ -76,11 +125,34 @@ class Sampler:
         ids_and_logprobs = torch.stack([sampled.double(), sampled_logprobs.double()]).cpu().tolist()
         return SamplerOutput([int(t) for t in ids_and_logprobs[0]], ids_and_logprobs[1], top)
 
-    def _tensors(self, seqs: list[Sequence]) -> SamplingTensors:
+    def _batch_sampling(self, seqs: list[Sequence]) -> BatchSampling:
+        key = tuple(seq.seq_id for seq in seqs)
+        if self._batch is None or self._batch.key != key:
+            params = [seq.params for seq in seqs]
+            self._batch = BatchSampling(
+                key=key,
+                tensors=self._tensors(params),
+                temperature_only=not any(needs_processing(p, self.vocab_size) for p in params),
+                has_min_tokens=any(p.min_tokens > 0 for p in params),
+                has_seeds=any(seq.seed is not None for seq in seqs),
+            )
+        return self._batch
+
+    def _step_seed(self) -> int:
+        return self.step_seeds.getrandbits(62)
+
+    def _row_seeds(self, seqs: list[Sequence], batch: BatchSampling) -> torch.Tensor | None:
+        """Per-row noise keys for the GPU draw: a seeded sequence's own, moved on by its length."""
+        if not batch.has_seeds:
+            return None
+        keys = [-1 if seq.seed is None else (seq.seed + seq.num_completion_tokens * 0x9E3779B9) & 0x3FFF_FFFF_FFFF_FFFF
+                for seq in seqs]
+        return torch.tensor(keys, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _tensors(self, params) -> SamplingTensors:
         def column(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-        params = [seq.params for seq in seqs]
         return SamplingTensors(
             temperature=column([p.temperature for p in params]),
             top_k=column([p.top_k if p.top_k > 0 else self.vocab_size for p in params], torch.long),
@@ -125,7 +197,9 @@ class Sampler:
         # Exp(1) draws as -log(1 - U): uniform draws are several times cheaper than exponential_.
         noise = torch.empty(shape, device=self.device).uniform_(generator=self.generator)
         for row, seq in enumerate(seqs):
-            if seq.generator is not None:
+            if seq.seed is not None:
+                if seq.generator is None:
+                    seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
                 noise[row].uniform_(generator=seq.generator)
         return noise.neg_().log1p_().neg_()
 

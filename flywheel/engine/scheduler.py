@@ -53,6 +53,8 @@ class Scheduler:
         return self._schedule_decode()
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
+        if not self.waiting:
+            return None
         scheduled: list[Sequence] = []
         budget = self.max_num_batched_tokens
         seats = self.max_num_seqs - sum(self._seats(s) for s in self.running)
@@ -78,9 +80,13 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         scheduled: list[Sequence] = []
         queue = deque(self.running)
+        block_manager = self.block_manager
         while queue:
             seq = queue.popleft()
-            while self.block_manager.blocks_needed_to_append(seq) > self.block_manager.num_free_blocks:
+            if block_manager.has_room_to_append(seq):
+                scheduled.append(seq)
+                continue
+            while block_manager.blocks_needed_to_append(seq) > block_manager.num_free_blocks:
                 if queue:
                     self._preempt(queue.pop())
                 else:

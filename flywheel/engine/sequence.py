@@ -27,7 +27,7 @@ class Sequence:
         index: int,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        generator: torch.Generator | None,
+        seed: int | None,
     ) -> None:
         self.seq_id = next(_sequence_ids)
         self.request_id = request_id
@@ -37,9 +37,13 @@ class Sequence:
         self.params = params
         # Tokens that end this sequence (stop_token_ids, and EOS unless ignored); set by the engine.
         self.stop_token_ids: set[int] = set(params.stop_token_ids)
-        self.generator = generator
+        # A seeded request's noise key for this completion; the CPU sampler's generator comes from it.
+        self.seed = seed
+        self.generator: torch.Generator | None = None
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        # Bumped whenever block_table changes, so a copy of it knows when to refresh.
+        self.table_version = 0
         # Tokens whose keys and values are in the cache (a prefix hit or an earlier step).
         self.num_cached_tokens = 0
         self.num_hashed_blocks = 0
@@ -77,6 +81,7 @@ class Sequence:
         child.token_ids = list(self.token_ids)
         child.num_prompt_tokens = self.num_prompt_tokens
         child.block_table = list(self.block_table)
+        child.table_version += 1
         child.num_cached_tokens = self.num_cached_tokens
         child.num_hashed_blocks = self.num_hashed_blocks
         child.status = SequenceStatus.RUNNING

@@ -12,6 +12,7 @@ from flywheel.engine.kernels.fused import (
     silu_and_mul,
 )
 from flywheel.engine.kernels.paged_attention import decode_attention, decode_num_splits, prefill_attention
+from flywheel.engine.kernels.sampling import draw_tokens
 
 
 def backend() -> ModuleType:
@@ -24,6 +25,7 @@ __all__ = [
     "backend",
     "decode_attention",
     "decode_num_splits",
+    "draw_tokens",
     "fused_add_rms_norm",
     "prefill_attention",
     "rms_norm",

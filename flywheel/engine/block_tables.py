@@ -1,0 +1,53 @@
+"""The block tables of consecutive decode steps as one array, refreshed only in the rows that changed.
+
+Between two decode steps most sequences keep their table (a new block comes once every
+``block_size`` tokens), so rebuilding a [batch, width] tensor from Python lists every step is
+wasted host time. Rows follow the batch's order; a sequence keeps its row data when the batch is
+reordered or shrinks, and ``Sequence.table_version`` says when a row must be copied again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flywheel.engine.sequence import Sequence
+
+
+class DecodeBlockTables:
+    def __init__(self) -> None:
+        self.array = torch.full((0, 1), -1, dtype=torch.int32)
+        self.seq_ids: list[int] = []
+        self.versions: list[int] = []
+
+    def update(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The tables of ``seqs`` in batch order, padded with -1 to the longest (a view of the mirror)."""
+        width = max(len(seq.block_table) for seq in seqs)
+        seq_ids = [seq.seq_id for seq in seqs]
+        if seq_ids != self.seq_ids:
+            self._reorder(seq_ids)
+        if width > self.array.shape[1]:
+            grown = torch.full((len(seqs), max(width, 2 * self.array.shape[1])), -1, dtype=torch.int32)
+            grown[:, : self.array.shape[1]] = self.array
+            self.array = grown
+        full_width = self.array.shape[1]
+        versions = self.versions
+        rows, tables = [], []
+        for row, seq in enumerate(seqs):
+            if versions[row] != seq.table_version:
+                rows.append(row)
+                tables.append(seq.block_table + [-1] * (full_width - len(seq.block_table)))
+                versions[row] = seq.table_version
+        if rows:
+            self.array[rows] = torch.tensor(tables, dtype=torch.int32)
+        return self.array[:, :width]
+
+    def _reorder(self, seq_ids: list[int]) -> None:
+        previous = {seq_id: row for row, seq_id in enumerate(self.seq_ids)}
+        source = [previous.get(seq_id, -1) for seq_id in seq_ids]
+        if self.seq_ids:
+            self.array = self.array[source]
+        else:
+            self.array = torch.full((len(seq_ids), self.array.shape[1]), -1, dtype=torch.int32)
+        # Rows of sequences new to the batch (source -1 took an arbitrary row) are copied afresh.
+        self.versions = [self.versions[row] if row >= 0 else -1 for row in source]
+        self.seq_ids = seq_ids
