@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 # The largest finite float32: a running maximum that starts here never turns exp() into nan.
-_LOWEST = -3.0e38
+_LOWEST = tl.constexpr(-3.0e38)
 
 
 @triton.jit
@@ -74,6 +74,11 @@ def _draw_kernel(
     tl.store(out_ptr + n_rows + row, (z - log_sum).to(tl.float64))
 
 
+def _as_int64_argument(seed: int) -> int:
+    # Triton types an integer argument by its value: keep it above 2**31 so the kernel compiles once.
+    return (seed & ((1 << 61) - 1)) | (1 << 61)
+
+
 def draw_tokens(logits: torch.Tensor, temperature: torch.Tensor, step_seed: int,
                 row_seeds: torch.Tensor | None = None) -> torch.Tensor:
     """Sampled ids and their logprobs for every row of ``logits`` [rows, vocab], as one float64
@@ -90,7 +95,7 @@ def draw_tokens(logits: torch.Tensor, temperature: torch.Tensor, step_seed: int,
         return out
     seeds = row_seeds if row_seeds is not None else out  # never read without HAS_ROW_SEEDS
     _draw_kernel[(rows,)](
-        logits, logits.stride(0), vocab, temperature, seeds, step_seed & 0x3FFF_FFFF_FFFF_FFFF, out, rows,
+        logits, logits.stride(0), vocab, temperature, seeds, _as_int64_argument(step_seed), out, rows,
         HAS_ROW_SEEDS=row_seeds is not None, QUARTER=512, num_warps=4,
     )
     return out
