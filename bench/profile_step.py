@@ -2,8 +2,9 @@
 
     python -m bench.profile_step --workload rollout --shape qwen2.5-0.5b --out $OUT/profile.json
 
-Runs the workload's prefill, then profiles a few decode steps with torch.profiler: the step's wall
-time, the time the GPU was busy with kernels, and the largest kernels. Prints a table last.
+Runs the whole workload once (its wall time), then the workload's prefill and a few decode steps
+under torch.profiler: the step's wall time, the time the GPU was busy with kernels, and the largest
+kernels. Prints a table last.
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ def main() -> None:
     workload = WORKLOADS[args.workload]
     llm = LLM(model_folder(args.shape), load_format="dummy", max_num_seqs=512, enforce_eager=args.enforce_eager)
     engine = llm.engine
-    for index, (prompt, tokens) in enumerate(workload.requests(model_config(args.shape).vocab_size)):
+    requests = workload.requests(model_config(args.shape).vocab_size)
+    # The whole workload once, for the time outside the steady decode steps profiled below.
+    steps_before = engine.stats.steps
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    llm.generate([p for p, _ in requests], [SamplingParams(n=workload.n, max_tokens=t, ignore_eos=True) for _, t in requests])
+    torch.cuda.synchronize()
+    full_run_s = time.perf_counter() - started
+    full_run_steps = engine.stats.steps - steps_before
+    for index, (prompt, tokens) in enumerate(requests):
         engine.add_request(str(index), prompt, SamplingParams(n=workload.n, max_tokens=tokens, ignore_eos=True))
     while engine.scheduler.waiting or any(s.pending_forks for s in engine.scheduler.running):
         engine.step()
@@ -57,6 +67,7 @@ def main() -> None:
         "workload": args.workload, "shape": args.shape, "batch": len(engine.scheduler.running),
         "step_wall_ms": wall_ms, "gpu_kernel_ms": gpu_ms, "gaps_and_host_ms": wall_ms - gpu_ms,
         "top_kernels_ms": dict(top), "cuda_graphs": engine.runner.decode_graphs is not None,
+        "full_run_s": full_run_s, "full_run_steps": full_run_steps,
     }
     if args.out:
         with open(args.out, "w") as handle:
@@ -65,6 +76,8 @@ def main() -> None:
         print(f"{ms:8.3f} ms  {name[:100]}")
     print(f"\nbatch {result['batch']}: step {wall_ms:.2f} ms wall, {gpu_ms:.2f} ms of GPU kernels, "
           f"{wall_ms - gpu_ms:.2f} ms of launch gaps and host work (graphs: {result['cuda_graphs']})")
+    print(f"whole workload: {full_run_s:.3f} s in {full_run_steps} steps, "
+          f"{full_run_s - full_run_steps * wall_ms / 1000:.3f} s more than that many steady decode steps")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def run_engine(args, folder: str, requests) -> dict:
 def run_transformers(args, requests) -> dict:
     workload = WORKLOADS[args.workload]
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_config(model_config(args.shape), dtype=dtype).to(args.device).eval()
+    with torch.device(args.device):  # random init on the device: minutes on the host for a 7b shape
+        model = AutoModelForCausalLM.from_config(model_config(args.shape), dtype=dtype).eval()
     if len({len(p) for p, _ in requests}) != 1 or len({t for _, t in requests}) != 1:
         raise SystemExit("the transformers baseline needs equal prompt and completion lengths")
     max_new = requests[0][1]
@@ -123,7 +124,8 @@ def floor_tokens_per_s(args, requests, bandwidth: float | None) -> float | None:
         return None
     config = model_config(args.shape)
     element = 2 if args.dtype in ("auto", "bfloat16", "float16") else 4
-    params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     batch = sum(WORKLOADS[args.workload].n for _ in requests)
     mean_context = sum(len(p) + t / 2 for p, t in requests) / len(requests)

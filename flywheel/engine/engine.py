@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from flywheel.engine.config import EngineConfig
 from flywheel.engine.kv_cache import BlockManager
 from flywheel.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from flywheel.engine.sampler import Sampler, SamplerOutput
+from flywheel.engine.sampler import PendingDraw, Sampler, SamplerOutput
 from flywheel.engine.sampling import SamplingParams
-from flywheel.engine.scheduler import Scheduler
-from flywheel.engine.sequence import Sequence
+from flywheel.engine.scheduler import ScheduledBatch, Scheduler
+from flywheel.engine.sequence import Sequence, SequenceStatus
 from flywheel.engine.tensor_parallel import RankGroup
 
 logger = logging.getLogger(__name__)
+
+# Stands in for a token still being sampled on the device (never a valid id).
+_PLACEHOLDER = -1
 
 
 def _plan_num_blocks(runner, *args) -> int:
@@ -33,6 +37,15 @@ class EngineStats:
 
 
 @dataclass
+class _InFlightDecode:
+    """A decode step whose sampled tokens have not reached the host yet."""
+
+    rows: list[Sequence]
+    stop_ids: list[set[int]]
+    draw: PendingDraw
+
+
+@dataclass
 class _Request:
     request_id: str
     prompt: str | None
@@ -44,6 +57,8 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self._in_flight: _InFlightDecode | None = None
+        self._drained: list[RequestOutput] = []
         self.ranks = RankGroup(config)
         self.runner = self.ranks.runner
         self.hf_config = self.runner.hf_config
@@ -71,6 +86,8 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
         self.sleeping = False
+        # Decode steps overlap with the host's bookkeeping on one GPU (see step()).
+        self.overlap_decode = self.runner.device.type == "cuda" and config.tensor_parallel_size == 1
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens; %.1f sequences of max_model_len %d)",
             self.num_blocks, config.block_size, capacity, capacity / self.max_model_len, self.max_model_len,
@@ -147,23 +164,33 @@ class LLMEngine:
         self.requests.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._drained)
 
     # Steps ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one batch (prefill or decode); return the requests that finished in it, and the
-        progress of the streamed ones it extended."""
+        progress of the streamed ones it extended.
+
+        On one GPU a decode step does not wait for its tokens: the next step is launched with the
+        sampled ids still on the device, one placeholder token per sequence on the host, and only
+        then are the previous step's tokens appended and checked for stops. A sequence that stopped
+        has computed one token too many, which is dropped.
+        """
+        if self._in_flight is not None:
+            return self._drained_outputs() + self._step_in_flight()
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
+            return self._drained_outputs()
         self.stats.steps += 1
         if batch.is_prefill:
             self.stats.prefill_tokens += batch.num_new_tokens
-        inputs = self.runner.prepare(batch)
-        logits = self.ranks.execute(inputs)
+        logits = self.ranks.execute(self.runner.prepare(batch))
         rows = [s for seq in batch.seqs for s in (seq, *seq.pending_forks)] if batch.is_prefill else batch.seqs
         stop_ids = [seq.stop_token_ids for seq in rows]
+        if not batch.is_prefill and self.overlap_decode and self.sampler.can_draw_async(rows):
+            self._in_flight = _InFlightDecode(rows, stop_ids, self.sampler.draw_async(logits, rows))
+            return self._drained_outputs()
         sampled = self.sampler(logits, rows, stop_ids)
         if batch.is_prefill:
             for seq in batch.seqs:
@@ -171,16 +198,71 @@ class LLMEngine:
                 self.block_manager.register_computed_blocks(seq)
                 self._fork(seq)
         else:
-            block_size = self.block_manager.block_size
-            for seq in batch.seqs:
-                seq.num_cached_tokens = len(seq.token_ids)
-                if seq.num_cached_tokens // block_size > seq.num_hashed_blocks:
-                    self.block_manager.register_computed_blocks(seq)
+            self._mark_computed(batch.seqs)
+        return self._drained_outputs() + self._finish_step(rows, sampled, stop_ids)
+
+    def _step_in_flight(self) -> list[RequestOutput]:
+        previous, self._in_flight = self._in_flight, None
+        if not self.scheduler.waiting:  # waiting prompts are prefilled first, as the scheduler does
+            self._launch_next_decode(previous)
+        sampled = previous.draw.result()
+        self._mark_computed([seq for seq in previous.rows if seq.status == SequenceStatus.RUNNING])
+        return self._finish_step(previous.rows, sampled, previous.stop_ids)
+
+    def _launch_next_decode(self, previous: _InFlightDecode) -> None:
+        """Launch the decode step after ``previous`` before its tokens are known, when that needs no
+        preemption: every sequence of it that its pending token cannot end takes a placeholder."""
+        kept = [row for row, seq in enumerate(previous.rows)
+                if seq.status == SequenceStatus.RUNNING and not self._ends_at_next_token(seq)]
+        seqs = [previous.rows[row] for row in kept]
+        if not seqs or not self.sampler.can_draw_async(seqs):
+            return
+        for seq in seqs:
+            seq.token_ids.append(_PLACEHOLDER)
+        block_manager = self.block_manager
+        if sum(block_manager.blocks_needed_to_append(seq) for seq in seqs) > block_manager.num_free_blocks:
+            for seq in seqs:
+                seq.token_ids.pop()
+            return
+        copies = [copy for seq in seqs if (copy := block_manager.append_slot(seq)) is not None]
+        inputs = self.runner.prepare(ScheduledBatch(seqs, is_prefill=False, block_copies=copies))
+        ids = previous.draw.token_ids
+        inputs.input_ids = ids if len(kept) == len(previous.rows) else ids[torch.tensor(kept, device=ids.device)]
+        self.stats.steps += 1
+        logits = self.ranks.execute(inputs)
+        self._in_flight = _InFlightDecode(seqs, [seq.stop_token_ids for seq in seqs], self.sampler.draw_async(logits, seqs))
+
+    def _ends_at_next_token(self, seq: Sequence) -> bool:
+        """Whether the token being sampled for ``seq`` reaches its length limit."""
+        max_tokens = seq.params.max_tokens
+        return (max_tokens is not None and seq.num_completion_tokens + 1 >= max_tokens) or len(seq) + 1 >= self.max_model_len
+
+    def _mark_computed(self, seqs: list[Sequence]) -> None:
+        """After a decode step: every token but a placeholder has its keys and values in the cache."""
+        block_size = self.block_manager.block_size
+        for seq in seqs:
+            seq.num_cached_tokens = len(seq.token_ids) - (seq.token_ids[-1] == _PLACEHOLDER)
+            if seq.num_cached_tokens // block_size > seq.num_hashed_blocks:
+                self.block_manager.register_computed_blocks(seq)
+
+    def _finish_step(self, rows: list[Sequence], sampled: SamplerOutput, stop_ids: list[set[int]]) -> list[RequestOutput]:
         finished = self._append_tokens(rows, sampled, stop_ids)
         self.scheduler.remove_finished()
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.prefix_cache_hit_tokens = self.block_manager.prefix_cache_hit_tokens
         return finished
+
+    def _drain(self) -> None:
+        """Wait for a decode step in flight and keep its outputs for the next ``step``."""
+        if self._in_flight is not None:
+            previous, self._in_flight = self._in_flight, None
+            sampled = previous.draw.result()
+            self._mark_computed([seq for seq in previous.rows if seq.status == SequenceStatus.RUNNING])
+            self._drained += self._finish_step(previous.rows, sampled, previous.stop_ids)
+
+    def _drained_outputs(self) -> list[RequestOutput]:
+        outputs, self._drained = self._drained, []
+        return outputs
 
     def _fork(self, parent: Sequence) -> None:
         for child in parent.pending_forks:
@@ -199,8 +281,13 @@ class LLMEngine:
         streamed: dict[str, _Request] = {}
         any_streamed = any(request.stream for request in self.requests.values())
         for row, seq in enumerate(rows):
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # stopped or aborted while this step was in flight
             token = sampled.token_ids[row]
-            seq.token_ids.append(token)
+            if seq.token_ids[-1] == _PLACEHOLDER:
+                seq.token_ids[-1] = token
+            else:
+                seq.token_ids.append(token)
             seq.cumulative_logprob += sampled.logprobs[row]
             if seq.logprobs is not None:
                 entry = {token: Logprob(sampled.logprobs[row], sampled.top_logprobs[row][2])}
@@ -219,7 +306,7 @@ class LLMEngine:
                 request = self.requests.get(seq.request_id)
                 if request is not None and request.stream:
                     streamed[request.request_id] = request
-        self.stats.generated_tokens += len(rows)
+            self.stats.generated_tokens += 1
         partial = [self._request_output(request, finished=False) for request in streamed.values()]
         return finished_requests + partial
 
@@ -276,6 +363,7 @@ class LLMEngine:
     # Weights and memory ----------------------------------------------------------------------
 
     def load_weights(self, weights) -> None:
+        self._drain()
         self.ranks.load_weights(weights)
         self.reset_prefix_cache()
 
@@ -284,6 +372,7 @@ class LLMEngine:
 
     def collective_rpc(self, fn, *args) -> list:
         """Run ``fn(model_runner, *args)`` on every tensor-parallel rank; the results by rank."""
+        self._drain()
         return self.ranks.collective_rpc(fn, *args)
 
     def sleep(self) -> None:

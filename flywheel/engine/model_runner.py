@@ -89,6 +89,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
+        self._graph_sizes_before_sleep: list[int] | None = None
         self.decode_block_tables = DecodeBlockTables()
 
     def _randomize_weights(self) -> None:
@@ -176,15 +177,19 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     def capture_decode_graphs(self) -> None:
-        """Capture the decode step for the batch-size ladder (GPU, unless enforce_eager)."""
+        """Capture the decode step (GPU, unless enforce_eager): the whole batch-size ladder the first
+        time, after a sleep only the sizes replayed before it (the rest when first needed)."""
         if self.device.type != "cuda" or self.config.enforce_eager or self.tp.size > 1:
             return
         self.decode_graphs = DecodeGraphs(
             self.model, self.kv_caches, self.backend, self.max_num_seqs,
             -(-self.max_model_len // self.block_size), self.hf_config.hidden_size, self.dtype, self.device,
+            capture_sizes=self._graph_sizes_before_sleep,
         )
 
     def free_kv_cache(self) -> None:
+        if self.decode_graphs is not None:
+            self._graph_sizes_before_sleep = sorted(self.decode_graphs.replayed_sizes)
         self.decode_graphs = None
         self.kv_caches = []
         if self.device.type == "cuda":

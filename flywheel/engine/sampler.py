@@ -48,15 +48,39 @@ class BatchSampling:
     temperature_only: bool
     has_min_tokens: bool
     has_seeds: bool
+    wants_logprobs: bool
 
 
 def needs_processing(params, vocab_size: int) -> bool:
-    """Whether a request needs more than temperature before its draw, or top logprobs after it."""
+    """Whether a request needs more than temperature before its draw, or top-k logprobs after it
+    (the sampled token's logprob and rank come with the draw)."""
     return (
         params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
         or 0 < params.top_k < vocab_size or params.top_p < 1.0 or params.min_p > 0.0
-        or params.logprobs is not None or (params.logprobs_mode == "raw" and params.temperature not in (0.0, 1.0))
+        or bool(params.logprobs) or (params.logprobs_mode == "raw" and params.temperature not in (0.0, 1.0))
     )
+
+
+def _draw_output(drawn: list[list[float]], seqs: list[Sequence]) -> SamplerOutput:
+    ids, logprobs = drawn[0], drawn[1]
+    top = [None] * len(seqs)
+    if len(drawn) == 3:
+        top = [None if seq.params.logprobs is None else ([], [], int(rank)) for seq, rank in zip(seqs, drawn[2])]
+    return SamplerOutput([int(t) for t in ids], logprobs, top)
+
+
+@dataclass
+class PendingDraw:
+    """A GPU draw on its way to the host."""
+
+    token_ids: torch.Tensor  # [rows] on the device
+    host: torch.Tensor  # pinned; filled once ``copied`` completes
+    copied: torch.cuda.Event
+    seqs: list[Sequence]
+
+    def result(self) -> SamplerOutput:
+        self.copied.synchronize()
+        return _draw_output(self.host.tolist(), self.seqs)
 
 
 class Sampler:
@@ -80,10 +104,33 @@ class Sampler:
             banned = [(row, ids) for row, (seq, ids) in enumerate(zip(seqs, stop_ids))
                       if ids and seq.num_completion_tokens < seq.params.min_tokens]
         if self.draw_tokens is not None and batch.temperature_only and not banned:
-            drawn = self.draw_tokens(logits, batch.tensors.temperature, self._step_seed(), self._row_seeds(seqs, batch))
-            ids, logprobs = drawn.cpu().tolist()
-            return SamplerOutput([int(t) for t in ids], logprobs, [None] * len(seqs))
+            return _draw_output(self._draw(logits, seqs, batch).cpu().tolist(), seqs)
         return self._sample_processed(logits, seqs, batch, banned)
+
+    def can_draw_async(self, seqs: list[Sequence]) -> bool:
+        """Whether ``draw_async`` can sample this batch: on a GPU, with nothing but temperature to apply."""
+        batch = self._batch_sampling(seqs)
+        return self.draw_tokens is not None and batch.temperature_only and not batch.has_min_tokens
+
+    def draw_async(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingDraw:
+        """Sample without waiting for the GPU: the ids stay on the device for the next step's input,
+        and a copy of the results travels to the host behind the GPU's work."""
+        drawn = self._draw(logits, seqs, self._batch_sampling(seqs))
+        host = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
+        host.copy_(drawn, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return PendingDraw(drawn[0].long(), host, copied, seqs)
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], batch: BatchSampling) -> torch.Tensor:
+        """The draw kernel's [ids, logprobs] (and the sampled tokens' ranks when asked for), float64 on the device."""
+        drawn = self.draw_tokens(logits, batch.tensors.temperature, self._step_seed(), self._row_seeds(seqs, batch))
+        if not batch.wants_logprobs:
+            return drawn
+        # Temperature keeps the order of the tokens: the raw logits give the sampled token's rank.
+        sampled_logits = logits.gather(1, drawn[0].long()[:, None])
+        ranks = (logits > sampled_logits).sum(dim=-1) + 1
+        return torch.cat([drawn, ranks.double()[None]])
 
     def _sample_processed(self, logits: torch.Tensor, seqs: list[Sequence], batch: BatchSampling, banned) -> SamplerOutput:
         logits = logits.float()
@@ -135,6 +182,7 @@ class Sampler:
                 temperature_only=not any(needs_processing(p, self.vocab_size) for p in params),
                 has_min_tokens=any(p.min_tokens > 0 for p in params),
                 has_seeds=any(seq.seed is not None for seq in seqs),
+                wants_logprobs=any(p.logprobs is not None for p in params),
             )
         return self._batch
 

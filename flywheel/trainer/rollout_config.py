@@ -114,7 +114,7 @@ class RolloutTrainingArguments(TrainingArguments):
         metadata={"help": "Colocate: KV-cache size in GiB (used on the CPU; on a GPU the memory fraction decides)."},
     )
     vllm_enable_sleep_mode: bool = field(
-        default=True,
+        default=False,
         metadata={"help": "Colocate: free the engine's KV cache while training and re-allocate it before generating."},
     )
 

@@ -3,8 +3,10 @@
 Per row: token = argmax(logits / T + Gumbel noise) (argmax of the logits when T = 0), and its
 logprob under log_softmax(logits / T) (T taken as 1 for greedy rows), with the log-sum-exp kept
 online while the row streams through. The noise of a row comes from Philox keyed by the row's
-seed, so a seeded sequence draws the same noise whatever else is in the batch. The logits are read
-once, in their own dtype; nothing of the vocabulary's size is written.
+seed, so a seeded sequence draws the same noise whatever else is in the batch. A row is split into
+parts that run side by side (a batch of a few hundred rows alone would leave most of the GPU idle),
+and a second small kernel combines the parts. The logits are read once, in their own dtype; nothing
+of the vocabulary's size is written.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import triton.language as tl
 
 # The largest finite float32: a running maximum that starts here never turns exp() into nan.
 _LOWEST = tl.constexpr(-3.0e38)
+_CHUNK = 2048  # columns per loop iteration of a part: four quarters of one Philox call each
+_MAX_PARTS = 16
+_TARGET_PROGRAMS = 2048
 
 
 @triton.jit
@@ -30,11 +35,13 @@ def _fold(x, cols, n_cols, u, inv_t, greedy, m, s, best_score, best_z, best_col)
 
 
 @triton.jit(do_not_specialize=["step_seed"])
-def _draw_kernel(
-    logits_ptr, stride_row, n_cols, temperature_ptr, seeds_ptr, step_seed, out_ptr, n_rows,
+def _draw_part_kernel(
+    logits_ptr, stride_row, n_cols, temperature_ptr, seeds_ptr, step_seed, parts_ptr, cols_per_part,
     HAS_ROW_SEEDS: tl.constexpr, QUARTER: tl.constexpr,
 ):
+    """One part of a row's columns: its log-sum-exp, best noisy score, that column and its z."""
     row = tl.program_id(0)
+    part = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
     greedy = temperature == 0.0
     inv_t = tl.where(greedy, 1.0, 1.0 / temperature)
@@ -49,27 +56,50 @@ def _draw_kernel(
     best_z = tl.full((QUARTER,), float("-inf"), tl.float32)
     best_col = tl.zeros((QUARTER,), tl.int32)
     base = logits_ptr + row.to(tl.int64) * stride_row
-    for start in range(0, n_cols, 4 * QUARTER):
-        # One Philox call gives four uniforms: one for each quarter of the chunk.
+    begin = part * cols_per_part
+    end = tl.minimum(begin + cols_per_part, n_cols)
+    for start in range(begin, end, 4 * QUARTER):
+        # One Philox call gives four uniforms, one for each quarter of the chunk; the counter is the
+        # column, so the noise does not depend on how the row is split into parts.
         u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + lane)
         c0 = start + lane
         c1 = c0 + QUARTER
         c2 = c1 + QUARTER
         c3 = c2 + QUARTER
-        x0 = tl.load(base + c0, mask=c0 < n_cols, other=0.0)
-        x1 = tl.load(base + c1, mask=c1 < n_cols, other=0.0)
-        x2 = tl.load(base + c2, mask=c2 < n_cols, other=0.0)
-        x3 = tl.load(base + c3, mask=c3 < n_cols, other=0.0)
-        m, s, best_score, best_z, best_col = _fold(x0, c0, n_cols, u0, inv_t, greedy, m, s, best_score, best_z, best_col)
-        m, s, best_score, best_z, best_col = _fold(x1, c1, n_cols, u1, inv_t, greedy, m, s, best_score, best_z, best_col)
-        m, s, best_score, best_z, best_col = _fold(x2, c2, n_cols, u2, inv_t, greedy, m, s, best_score, best_z, best_col)
-        m, s, best_score, best_z, best_col = _fold(x3, c3, n_cols, u3, inv_t, greedy, m, s, best_score, best_z, best_col)
-    row_max = tl.max(m, 0)
-    log_sum = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), 0))
+        x0 = tl.load(base + c0, mask=c0 < end, other=0.0)
+        x1 = tl.load(base + c1, mask=c1 < end, other=0.0)
+        x2 = tl.load(base + c2, mask=c2 < end, other=0.0)
+        x3 = tl.load(base + c3, mask=c3 < end, other=0.0)
+        m, s, best_score, best_z, best_col = _fold(x0, c0, end, u0, inv_t, greedy, m, s, best_score, best_z, best_col)
+        m, s, best_score, best_z, best_col = _fold(x1, c1, end, u1, inv_t, greedy, m, s, best_score, best_z, best_col)
+        m, s, best_score, best_z, best_col = _fold(x2, c2, end, u2, inv_t, greedy, m, s, best_score, best_z, best_col)
+        m, s, best_score, best_z, best_col = _fold(x3, c3, end, u3, inv_t, greedy, m, s, best_score, best_z, best_col)
+    part_max = tl.max(m, 0)
     top = tl.max(best_score, 0)
     # The first column among the lanes' winners, as argmax returns it.
     col = tl.min(tl.where(best_score == top, best_col, n_cols), 0)
-    z = tl.max(tl.where(best_col == col, best_z, float("-inf")), 0)
+    out = parts_ptr + (row * tl.num_programs(1) + part) * 4
+    tl.store(out, part_max + tl.log(tl.sum(s * tl.exp(m - part_max), 0)))
+    tl.store(out + 1, top)
+    tl.store(out + 2, col.to(tl.float32))
+    tl.store(out + 3, tl.max(tl.where(best_col == col, best_z, float("-inf")), 0))
+
+
+@triton.jit
+def _draw_combine_kernel(parts_ptr, n_parts, n_cols, out_ptr, n_rows, PARTS: tl.constexpr):
+    row = tl.program_id(0)
+    index = tl.arange(0, PARTS)
+    mask = index < n_parts
+    base = parts_ptr + (row * n_parts + index) * 4
+    log_sums = tl.load(base, mask=mask, other=float("-inf"))
+    tops = tl.load(base + 1, mask=mask, other=float("-inf"))
+    cols = tl.load(base + 2, mask=mask, other=n_cols)
+    zs = tl.load(base + 3, mask=mask, other=float("-inf"))
+    largest = tl.max(log_sums, 0)
+    log_sum = largest + tl.log(tl.sum(tl.exp(log_sums - largest), 0))
+    top = tl.max(tops, 0)
+    col = tl.min(tl.where(tops == top, cols, n_cols), 0)
+    z = tl.max(tl.where(cols == col, zs, float("-inf")), 0)
     tl.store(out_ptr + row, col.to(tl.float64))
     tl.store(out_ptr + n_rows + row, (z - log_sum).to(tl.float64))
 
@@ -94,8 +124,14 @@ def draw_tokens(logits: torch.Tensor, temperature: torch.Tensor, step_seed: int,
     if rows == 0:
         return out
     seeds = row_seeds if row_seeds is not None else out  # never read without HAS_ROW_SEEDS
-    _draw_kernel[(rows,)](
-        logits, logits.stride(0), vocab, temperature, seeds, _as_int64_argument(step_seed), out, rows,
-        HAS_ROW_SEEDS=row_seeds is not None, QUARTER=512, num_warps=4,
+    # Enough parts per row to fill the GPU when the batch is small; a part is whole chunks of columns.
+    chunks = triton.cdiv(vocab, _CHUNK)
+    chunks_per_part = triton.cdiv(chunks, max(1, min(_MAX_PARTS, _TARGET_PROGRAMS // rows, chunks)))
+    n_parts = triton.cdiv(chunks, chunks_per_part)
+    parts = torch.empty((rows, n_parts, 4), dtype=torch.float32, device=logits.device)
+    _draw_part_kernel[(rows, n_parts)](
+        logits, logits.stride(0), vocab, temperature, seeds, _as_int64_argument(step_seed), parts,
+        chunks_per_part * _CHUNK, HAS_ROW_SEEDS=row_seeds is not None, QUARTER=_CHUNK // 4, num_warps=4,
     )
+    _draw_combine_kernel[(rows,)](parts, n_parts, vocab, out, rows, PARTS=triton.next_power_of_2(n_parts), num_warps=1)
     return out
