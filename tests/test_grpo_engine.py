@@ -65,3 +65,17 @@ def test_reward_rises_and_engine_gets_the_trained_weights(tiny_checkpoints, tmp_
     assert logged["sampling/importance_sampling_ratio/max"] <= trainer.args.vllm_importance_sampling_cap
     assert logged["time/weight_sync"] > 0
     check_engine_has_trained_weights(trainer, tiny_checkpoints["qwen2"])
+
+
+def test_colocated_engine_batches_a_whole_rollout_and_sleeps_when_asked(tiny_checkpoints, tmp_path):
+    dataset = Dataset.from_dict({"prompt": ["Say:"] * 8})
+    args = colocate_args(tmp_path, steps_per_generation=20, vllm_enable_sleep_mode=True)
+    assert args.completions_per_rollout == 16 * 20
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction, args=args,
+                          train_dataset=dataset)
+    engine = trainer.rollout.llm.engine
+    assert engine.config.max_num_seqs == 320  # the 320 completions of one generation run as one batch
+    assert engine.sleeping and engine.runner.kv_caches == []
+    trainer.rollout.wake_up()
+    assert not engine.sleeping
+    trainer.rollout.close()

@@ -85,6 +85,10 @@ class GRPOConfig(RolloutTrainingArguments):
     )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the training prompts."})
 
+    @property
+    def completions_per_rollout(self) -> int:
+        return self.per_device_train_batch_size * self.steps_per_generation
+
     def __post_init__(self) -> None:
         if isinstance(self.scale_rewards, bool):
             self.scale_rewards = "group" if self.scale_rewards else "none"

@@ -45,6 +45,10 @@ class OnlineDPOConfig(RolloutTrainingArguments):
         metadata={"help": "One weight per reward function when several rank the pair. Default: all 1."},
     )
 
+    @property
+    def completions_per_rollout(self) -> int:
+        return 2 * self.per_device_train_batch_size  # two completions of each prompt
+
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None:
             self.max_completion_length = self.max_new_tokens

@@ -170,6 +170,7 @@ class ColocateRollout(Rollout):
             model=model_path, dtype=dtype, device=str(accelerator.device), max_model_len=max_model_len,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization, kv_cache_memory_gb=args.vllm_kv_cache_memory_gb,
             tensor_parallel_size=args.vllm_tensor_parallel_size, seed=args.seed + accelerator.process_index,
+            max_num_seqs=max(256, args.completions_per_rollout),
         )
         self.sleep()
 

@@ -128,6 +128,11 @@ class RolloutTrainingArguments(TrainingArguments):
         metadata={"help": "How many completions log_completions shows; None: all of the last generation."},
     )
 
+    @property
+    def completions_per_rollout(self) -> int:
+        """Completions one process asks for in one generation (a colocated engine runs them in one batch)."""
+        return self.per_device_train_batch_size
+
     def __post_init__(self) -> None:
         if not self.use_cpu and not torch.cuda.is_available() and not torch.backends.mps.is_available():
             # On a machine without an accelerator: without use_cpu, accelerate would run each of
