@@ -44,10 +44,8 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        dtype = x.dtype
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * normed.to(dtype)
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        out = self.weight * normed
         return out if residual is None else (out, residual)
 
 
@@ -60,20 +58,30 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self._angles_positions: torch.Tensor | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """``q`` ``[T, heads, D]``, ``k`` ``[T, kv_heads, D]``, ``positions`` ``[T]``."""
         kernels = fused_kernels(q)
         if kernels is not None:
             return kernels.rotary_embedding(positions, q, k, (self.cos, self.sin), q.shape[-1])
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
+        cos, sin = self._angles(positions)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[T, 1, D]`` cosines and signed sines of ``positions``, laid out for ``_rotate``."""
+        # Every layer of a forward pass rotates at the same positions: look their angles up once.
+        if positions is not self._angles_positions:
+            cos, sin = self.cos[positions], self.sin[positions]
+            self._angles_of_positions = torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]
+            self._angles_positions = positions
+        return self._angles_of_positions
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = x.float().chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(x.dtype)
+    """Rotate-half: ``(a, b) -> (a cos - b sin, b cos + a sin)`` over the two halves of the last dim."""
+    x32 = x.float()
+    return (x32 * cos + x32.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
