@@ -23,8 +23,7 @@ class SharedPrefixLayout:
 
     group_rows: torch.Tensor  # [G, M]: the rows of each group, padded by repeating its first row
     group_blocks: torch.Tensor  # [G, S]: each group's shared blocks, padded with 0 (masked)
-    row_group: torch.Tensor  # [B]: each row's group (0 for a row in none)
-    row_member: torch.Tensor  # [B]: each row's place in its group
+    grid_rows: torch.Tensor  # [B]: each row's place in the [G * M] grid of group rows (0 for a row in none)
     row_in_group: torch.Tensor  # [B]: 1.0 for a row in a group, else 0.0
     private_blocks: torch.Tensor  # [B, P]: each row's blocks after its shared ones, padded with 0 (masked)
     # [B, (S + P) * block_size]: 0 for the shared, then the private, positions a row attends to; -inf elsewhere.
@@ -43,7 +42,7 @@ class SharedPrefixLayout:
                 by_first_block.setdefault(table[0], []).append(row)
         shared = [0] * len(block_tables)
         groups = []
-        row_group, row_member = [0] * len(block_tables), [0] * len(block_tables)
+        group_and_member = [(0, 0)] * len(block_tables)
         for rows in by_first_block.values():
             if len(rows) < 2:
                 continue
@@ -58,12 +57,13 @@ class SharedPrefixLayout:
             if common:
                 for member, row in enumerate(rows):
                     shared[row] = common
-                    row_group[row], row_member[row] = len(groups), member
+                    group_and_member[row] = (len(groups), member)
                 groups.append((rows, tables[0][:common]))
         if not groups:
             return None
         most_rows = max(len(rows) for rows, _ in groups)
         most_blocks = max(len(blocks) for _, blocks in groups)
+        grid_rows = [group * most_rows + member for group, member in group_and_member]
         width = max(len(t) - s for t, s in zip(block_tables, shared))
         group_blocks = torch.tensor([b + [0] * (most_blocks - len(b)) for _, b in groups])
         private_blocks = torch.tensor([t[s:] + [0] * (width - len(t) + s) for t, s in zip(block_tables, shared)])
@@ -79,8 +79,7 @@ class SharedPrefixLayout:
         return cls(
             group_rows=torch.tensor([rows + rows[:1] * (most_rows - len(rows)) for rows, _ in groups]),
             group_blocks=group_blocks,
-            row_group=torch.tensor(row_group),
-            row_member=torch.tensor(row_member),
+            grid_rows=torch.tensor(grid_rows),
             row_in_group=(shared_lens > 0).float(),
             private_blocks=private_blocks,
             column_bias=torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")),
@@ -97,6 +96,19 @@ class SharedPrefixLayout:
             self._value_rows[key] = rows[:, :, None, :].expand(batch, kv_heads, group_size, columns).reshape(-1, columns)
         return self._value_rows[key]
 
+    def to_groups(self, per_row: torch.Tensor) -> torch.Tensor:
+        """``[B, Q, X]`` → ``[G, M * Q, X]``: the rows of each group side by side."""
+        num_groups, most_rows = self.group_rows.shape
+        grouped = per_row.index_select(0, self.group_rows.flatten())
+        return grouped.view(num_groups, most_rows * per_row.shape[1], per_row.shape[2])
+
+    def to_rows(self, per_head: list[torch.Tensor]) -> torch.Tensor:
+        """One ``[G, M * Q, X]`` per kv head → ``[B, kv_heads, Q, X]``: each row's part of its group's."""
+        num_groups, most_rows = self.group_rows.shape
+        grid = torch.stack([p.view(num_groups * most_rows, -1) for p in per_head], dim=1)
+        per_row = grid.index_select(0, self.grid_rows)
+        return per_row.view(len(self.grid_rows), len(per_head), -1, per_head[0].shape[-1])
+
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``cache`` rows of ``blocks`` ``[R, N]`` as ``[R, N * block_size, kv_heads, D]`` (one row copy per block)."""
@@ -105,15 +117,9 @@ def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return gathered.view(blocks.shape[0], blocks.shape[1] * block_size, *cache.shape[2:])
 
 
-def _per_kv_head(products, q: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
-    """``products(q[:, h], cached[:, :, h])`` for every kv head ``h``, stacked on dim 1: ``q`` is
-    ``[R, KVH, Q, *]``, ``cached`` ``[R, L, KVH, D]``. A head's slice of ``cached`` is a strided
-    matrix the product reads in place, where a transpose of all heads would be copied first."""
-    cached = cached.to(q.dtype)
-    return torch.stack([products(q[:, head], cached[:, :, head]) for head in range(cached.shape[2])], dim=1)
-
-
 def _scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``[R, Q, D]`` queries against ``[R, L, D]`` keys. One kv head's keys are a strided slice of the
+    gathered blocks that the product reads in place, where a transpose of all heads would be copied."""
     return torch.bmm(queries, keys.transpose(1, 2))
 
 
@@ -123,30 +129,25 @@ def decode_attention_shared_prefix(
     """One query per sequence (``q`` ``[B, heads, D]``) over its cache, shared prefixes read once."""
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
-    group_size = heads // kv_heads
-    grouped_q = (q * scale).view(batch, kv_heads, group_size, head_dim)
-    num_groups, most_rows = layout.group_rows.shape
+    grouped_q = (q * scale).view(batch, kv_heads, heads // kv_heads, head_dim)
+    kv_head_range = range(kv_heads)
 
-    def to_groups(per_row: torch.Tensor) -> torch.Tensor:  # [B, KVH, g, X] -> [G, KVH, M * g, X]
-        return per_row[layout.group_rows].transpose(1, 2).reshape(num_groups, kv_heads, most_rows * group_size, -1)
-
-    def to_rows(per_group: torch.Tensor) -> torch.Tensor:  # [G, KVH, M * g, X] -> [B, KVH, g, X]
-        grid = per_group.view(num_groups, kv_heads, most_rows, group_size, -1)
-        return grid[layout.row_group, :, layout.row_member]
-
-    shared_blocks, private_blocks = layout.group_blocks, layout.private_blocks
-    shared = to_rows(_per_kv_head(_scores, to_groups(grouped_q), _gather_blocks(k_cache, shared_blocks)))
-    private = _per_kv_head(_scores, grouped_q, _gather_blocks(k_cache, private_blocks))
+    shared_keys = _gather_blocks(k_cache, layout.group_blocks)
+    shared = layout.to_rows([_scores(layout.to_groups(grouped_q[:, h]), shared_keys[:, :, h]) for h in kv_head_range])
+    private_keys = _gather_blocks(k_cache, layout.private_blocks)
+    private = torch.stack([_scores(grouped_q[:, h], private_keys[:, :, h]) for h in kv_head_range], dim=1)
     scores = torch.cat([shared, private], dim=-1).add_(layout.column_bias[:, None, None, :])
     shared_weights, private_weights = torch.softmax(scores, dim=-1).split([shared.shape[-1], private.shape[-1]], -1)
 
     out = F.embedding_bag(
-        layout.value_rows(kv_heads, group_size),
+        layout.value_rows(kv_heads, heads // kv_heads),
         v_cache.view(-1, head_dim),
         mode="sum",
-        per_sample_weights=private_weights.reshape(batch * heads, -1).to(v_cache.dtype),
-    ).view(batch, kv_heads, group_size, head_dim)
-    shared_values = _per_kv_head(torch.bmm, to_groups(shared_weights), _gather_blocks(v_cache, shared_blocks))
+        per_sample_weights=private_weights.reshape(batch * heads, -1),
+    )
+    shared_values = _gather_blocks(v_cache, layout.group_blocks)
+    shared_out = layout.to_rows(
+        [torch.bmm(layout.to_groups(shared_weights[:, h]), shared_values[:, :, h]) for h in kv_head_range]
+    )
     # A row outside every group has no shared weights; its place in the grid holds another row's.
-    out = out.to(q.dtype).addcmul_(to_rows(shared_values), layout.row_in_group[:, None, None, None])
-    return out.view(batch, heads, head_dim)
+    return out.view(batch, heads, head_dim).addcmul_(shared_out.view(batch, heads, head_dim), layout.row_in_group[:, None, None])
