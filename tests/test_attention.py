@@ -20,29 +20,47 @@ def dense_attention(q, keys, values, scale):
     return torch.einsum("hl,lhd->hd", weights, values).float()
 
 
-def test_shared_prefix_decode_equals_plain_attention():
-    torch.manual_seed(0)
-    k_cache, v_cache = random_cache()
+def shared_prefix_tables():
     blocks = iter(torch.randperm(64).tolist())
     shared_a = [next(blocks) for _ in range(3)]
     shared_b = [next(blocks) for _ in range(1)]
     tables = [shared_a + [next(blocks)] for _ in range(3)]  # three rows share 3 blocks
     tables += [shared_b + [next(blocks), next(blocks)] for _ in range(2)]  # two rows share 1 block
     tables += [[next(blocks), next(blocks)]]  # a row alone
-    seq_lens = [13, 15, 16, 10, 12, 7]
-    layout = SharedPrefixLayout.from_block_tables(tables, seq_lens, BLOCK)
-    assert layout.group_rows.shape == (2, 3)
+    return tables
 
+
+def assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache):
+    layout = SharedPrefixLayout.from_block_tables(tables, seq_lens, BLOCK)
     q = torch.randn(len(tables), HEADS, DIM)
     got = decode_attention_shared_prefix(q, k_cache, v_cache, layout, DIM**-0.5)
     padded = torch.tensor([t + [-1] * (4 - len(t)) for t in tables], dtype=torch.int32)
     plain = attention.decode_attention(q, k_cache, v_cache, torch.tensor(seq_lens), padded, DIM**-0.5)
-    for row, (table, length) in enumerate(zip(tables, seq_lens)):
+    for row, length in enumerate(seq_lens):
         keys = attention.gather_kv(k_cache, padded[row : row + 1], length)[0]
         values = attention.gather_kv(v_cache, padded[row : row + 1], length)[0]
         expected = dense_attention(q[row], keys, values, DIM**-0.5)
         assert torch.allclose(got[row], expected, atol=1e-5)
         assert torch.allclose(plain[row], expected, atol=1e-5)
+    return layout
+
+
+def test_shared_prefix_decode_equals_plain_attention():
+    torch.manual_seed(0)
+    k_cache, v_cache = random_cache()
+    layout = assert_shared_prefix_decode_equals_plain_attention(
+        shared_prefix_tables(), [13, 15, 16, 10, 12, 7], k_cache, v_cache
+    )
+    assert layout.blocks.group_rows.shape == (2, 3)
+
+
+def test_next_step_with_the_same_tables_attends_to_the_new_lengths():
+    torch.manual_seed(2)
+    k_cache, v_cache = random_cache()
+    tables = shared_prefix_tables()
+    first = assert_shared_prefix_decode_equals_plain_attention(tables, [13, 14, 14, 10, 11, 6], k_cache, v_cache)
+    second = assert_shared_prefix_decode_equals_plain_attention(tables, [14, 15, 15, 11, 12, 7], k_cache, v_cache)
+    assert second.blocks is first.blocks
 
 
 def test_no_layout_without_sharing():
