@@ -25,6 +25,17 @@ def test_shared_blocks_are_copied_before_writing(tiny_checkpoints, hf_models):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.num_blocks
 
 
+def test_groups_of_different_sizes_beside_a_lone_sequence_match_transformers(tiny_checkpoints, hf_models):
+    # One decode batch: three rows sharing two blocks, two rows sharing four, and a row sharing none.
+    llm = LLM(tiny_checkpoints["qwen2"], dtype="float32")
+    prompts = [PROMPT, list(range(120, 190)), list(range(200, 221))]
+    params = [SamplingParams(n=n, temperature=0.0, max_tokens=20, ignore_eos=True) for n in (3, 2, 1)]
+    outputs = llm.generate(prompts, params)
+    for prompt, output in zip(prompts, outputs):
+        expected = hf_greedy(hf_models["qwen2"], prompt, 20)
+        assert [c.token_ids for c in output.outputs] == [expected] * len(output.outputs)
+
+
 def test_repeated_prompt_hits_the_prefix_cache(tiny_checkpoints, hf_models):
     llm = LLM(tiny_checkpoints["qwen2"], dtype="float32")
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
