@@ -44,8 +44,10 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
-        out = self.weight * normed
+        dtype = x.dtype
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * normed.to(dtype)
         return out if residual is None else (out, residual)
 
 
