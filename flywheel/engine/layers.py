@@ -60,7 +60,9 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        # The positions of the last CPU forward pass and their angles (see _angles).
         self._angles_positions: torch.Tensor | None = None
+        self._angles_of_positions: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """``q`` ``[T, heads, D]``, ``k`` ``[T, kv_heads, D]``, ``positions`` ``[T]``."""
