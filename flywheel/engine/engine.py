@@ -13,7 +13,7 @@ from flywheel.engine.kv_cache import BlockManager
 from flywheel.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from flywheel.engine.sampler import PendingDraw, Sampler, SamplerOutput
 from flywheel.engine.sampling import SamplingParams
-from flywheel.engine.scheduler import ScheduledBatch, Scheduler
+from flywheel.engine.scheduler import Scheduler
 from flywheel.engine.sequence import Sequence, SequenceStatus
 from flywheel.engine.tensor_parallel import RankGroup
 
@@ -205,9 +205,13 @@ class LLMEngine:
         previous, self._in_flight = self._in_flight, None
         if not self.scheduler.waiting:  # waiting prompts are prefilled first, as the scheduler does
             self._launch_next_decode(previous)
-        sampled = previous.draw.result()
-        self._mark_computed([seq for seq in previous.rows if seq.status == SequenceStatus.RUNNING])
-        return self._finish_step(previous.rows, sampled, previous.stop_ids)
+        return self._complete(previous)
+
+    def _complete(self, step: _InFlightDecode) -> list[RequestOutput]:
+        """Wait for the tokens of a decode step in flight, then append them and check for stops."""
+        sampled = step.draw.result()
+        self._mark_computed([seq for seq in step.rows if seq.status == SequenceStatus.RUNNING])
+        return self._finish_step(step.rows, sampled, step.stop_ids)
 
     def _launch_next_decode(self, previous: _InFlightDecode) -> None:
         """Launch the decode step after ``previous`` before its tokens are known, when that needs no
@@ -219,13 +223,12 @@ class LLMEngine:
             return
         for seq in seqs:
             seq.token_ids.append(_PLACEHOLDER)
-        block_manager = self.block_manager
-        if sum(block_manager.blocks_needed_to_append(seq) for seq in seqs) > block_manager.num_free_blocks:
+        batch = self.scheduler.schedule_decode_without_preemption(seqs)
+        if batch is None:
             for seq in seqs:
                 seq.token_ids.pop()
             return
-        copies = [copy for seq in seqs if (copy := block_manager.append_slot(seq)) is not None]
-        inputs = self.runner.prepare(ScheduledBatch(seqs, is_prefill=False, block_copies=copies))
+        inputs = self.runner.prepare(batch)
         ids = previous.draw.token_ids
         inputs.input_ids = ids if len(kept) == len(previous.rows) else ids[torch.tensor(kept, device=ids.device)]
         self.stats.steps += 1
@@ -256,9 +259,7 @@ class LLMEngine:
         """Wait for a decode step in flight and keep its outputs for the next ``step``."""
         if self._in_flight is not None:
             previous, self._in_flight = self._in_flight, None
-            sampled = previous.draw.result()
-            self._mark_computed([seq for seq in previous.rows if seq.status == SequenceStatus.RUNNING])
-            self._drained += self._finish_step(previous.rows, sampled, previous.stop_ids)
+            self._drained += self._complete(previous)
 
     def _drained_outputs(self) -> list[RequestOutput]:
         outputs, self._drained = self._drained, []
