@@ -39,6 +39,8 @@ TRAIN_SCRIPT = textwrap.dedent(
         with open(f"{out_dir}/result.json", "w") as f:
             json.dump({"rewards": rewards, "checksums": checksums, "processes": trainer.accelerator.num_processes}, f)
     trainer.rollout.close()
+    # Tear the Gloo group down before exit: left to the interpreter, its threads can abort the process.
+    torch.distributed.destroy_process_group()
     """
 )
 
