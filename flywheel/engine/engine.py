@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from flywheel.engine.config import EngineConfig
+from flywheel.engine.host_to_device import to_device
 from flywheel.engine.kv_cache import BlockManager
 from flywheel.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from flywheel.engine.sampler import PendingDraw, Sampler, SamplerOutput
@@ -228,11 +229,11 @@ class LLMEngine:
             for seq in seqs:
                 seq.token_ids.pop()
             return
-        inputs = self.runner.prepare(batch)
         ids = previous.draw.token_ids
-        inputs.input_ids = ids if len(kept) == len(previous.rows) else ids[torch.tensor(kept, device=ids.device)]
+        if len(kept) < len(previous.rows):
+            ids = ids[to_device([torch.tensor(kept)], ids.device)[0]]
         self.stats.steps += 1
-        logits = self.ranks.execute(inputs)
+        logits = self.ranks.execute(self.runner.prepare(batch, input_ids=ids))
         self._in_flight = _InFlightDecode(seqs, [seq.stop_token_ids for seq in seqs], self.sampler.draw_async(logits, seqs))
 
     def _ends_at_next_token(self, seq: Sequence) -> bool:

@@ -18,6 +18,7 @@ from flywheel.engine.config import EngineConfig
 from flywheel.engine.cuda_graphs import DecodeGraphs
 from flywheel.engine.distributed import TensorParallelGroup
 from flywheel.engine.forward_context import ForwardContext
+from flywheel.engine.host_to_device import to_device
 from flywheel.engine.models.registry import model_class
 from flywheel.engine.scheduler import ScheduledBatch
 from flywheel.engine.shared_prefix import SharedPrefixLayout
@@ -40,7 +41,8 @@ class StepInputs:
     slot_mapping: torch.Tensor
     seq_lens: torch.Tensor
     block_tables: torch.Tensor
-    logits_indices: torch.Tensor
+    # The rows whose logits are sampled; None: every row (a decode step).
+    logits_indices: torch.Tensor | None
     cu_seqlens_q: torch.Tensor | None = None
     max_seq_len: int = 0
     max_q_len: int = 0
@@ -195,10 +197,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Rank 0: the tensors of a scheduled batch (on the host)."""
+    def prepare(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> StepInputs:
+        """Rank 0: the tensors of a scheduled batch (on the host). A decode step may be given its
+        ``input_ids`` (the previous step's sampled ids, still on the device)."""
         if not batch.is_prefill:
-            return self._prepare_decode(batch)
+            return self._prepare_decode(batch, input_ids)
         input_ids, positions, slots, seq_lens, logits_indices = [], [], [], [], []
         cu_seqlens_q = [0]
         block_size = self.block_size
@@ -225,20 +228,22 @@ class ModelRunner:
             block_copies=batch.block_copies,
         )
 
-    def _prepare_decode(self, batch: ScheduledBatch) -> StepInputs:
+    def _prepare_decode(self, batch: ScheduledBatch, input_ids: torch.Tensor | None) -> StepInputs:
         seqs = batch.seqs
+        if input_ids is None:
+            input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], dtype=torch.long)
         tables = self.decode_block_tables.update(seqs)
         seq_lens = torch.tensor([len(seq.token_ids) for seq in seqs], dtype=torch.int32)
         positions = seq_lens.long() - 1
         last_blocks = tables.gather(1, (positions // self.block_size)[:, None])[:, 0].long()
         return StepInputs(
             is_prefill=False,
-            input_ids=torch.tensor([seq.token_ids[-1] for seq in seqs], dtype=torch.long),
+            input_ids=input_ids,
             positions=positions,
             slot_mapping=last_blocks * self.block_size + positions % self.block_size,
             seq_lens=seq_lens,
             block_tables=tables.contiguous(),
-            logits_indices=torch.arange(len(seqs)),
+            logits_indices=None,
             max_seq_len=int(positions.max()) + 1,
             max_q_len=1,
             block_copies=batch.block_copies,
@@ -262,29 +267,28 @@ class ModelRunner:
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Every rank: run the forward pass; returns the logits of the rows to sample."""
         self._copy_blocks(inputs.block_copies)
-        device = self.device
-        input_ids = inputs.input_ids.to(device, non_blocking=True)
-        positions = inputs.positions.to(device, non_blocking=True)
+        input_ids, positions, slot_mapping, seq_lens, block_tables, logits_indices, cu_seqlens_q = to_device(
+            [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables,
+             inputs.logits_indices, inputs.cu_seqlens_q], self.device)
         graphs = self.decode_graphs
-        if not inputs.is_prefill and graphs is not None and graphs.fits(len(input_ids), inputs.block_tables.shape[1]):
-            hidden = graphs.run(input_ids, positions, inputs.slot_mapping.to(device, non_blocking=True),
-                                inputs.seq_lens.to(device, non_blocking=True),
-                                inputs.block_tables.to(device, non_blocking=True))
+        if not inputs.is_prefill and graphs is not None and graphs.fits(len(input_ids), block_tables.shape[1]):
+            hidden = graphs.run(input_ids, positions, slot_mapping, seq_lens, block_tables)
             return self.model.compute_logits(hidden)
         context = ForwardContext(
             is_prefill=inputs.is_prefill,
-            slot_mapping=inputs.slot_mapping.to(device, non_blocking=True),
-            seq_lens=inputs.seq_lens.to(device, non_blocking=True),
-            block_tables=inputs.block_tables.to(device, non_blocking=True),
+            slot_mapping=slot_mapping,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
             kv_caches=self.kv_caches,
             backend=self.backend,
-            cu_seqlens_q=None if inputs.cu_seqlens_q is None else inputs.cu_seqlens_q.to(device, non_blocking=True),
+            cu_seqlens_q=cu_seqlens_q,
             max_seq_len=inputs.max_seq_len,
             max_q_len=inputs.max_q_len,
             shared_prefix=inputs.shared_prefix,
         )
         hidden = self.model(input_ids, positions, context)
-        hidden = hidden[inputs.logits_indices.to(device, non_blocking=True)]
+        if logits_indices is not None:
+            hidden = hidden[logits_indices]
         return self.model.compute_logits(hidden)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
