@@ -2,9 +2,10 @@
 
     python -m bench.profile_step --workload rollout --shape qwen2.5-0.5b --out $OUT/profile.json
 
-Runs the whole workload once (its wall time), then the workload's prefill and a few decode steps
-under torch.profiler: the step's wall time, the time the GPU was busy with kernels, and the largest
-kernels. Prints a table last.
+Runs the whole workload once to warm up, once step by step (the wall time of every step), then the
+workload's prefill and a few decode steps under torch.profiler: the step's wall time, the time the
+GPU was busy with kernels, the largest kernels and the host's time in CUDA runtime calls. Prints a
+table last.
 """
 
 from __future__ import annotations
@@ -13,12 +14,27 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.shapes import WORKLOADS, model_config, model_folder
 from flywheel import LLM, SamplingParams
+
+
+def run_timed(engine, requests, params: SamplingParams) -> list[float]:
+    """Run the workload's requests to the end; the wall time of every engine step, in ms."""
+    for index, (prompt, tokens) in enumerate(requests):
+        engine.add_request(f"t{index}", prompt, replace(params, max_tokens=tokens))
+    step_ms = []
+    torch.cuda.synchronize()
+    while engine.has_unfinished_requests():
+        started = time.perf_counter()
+        engine.step()
+        step_ms.append((time.perf_counter() - started) * 1000)
+    torch.cuda.synchronize()
+    return step_ms
 
 
 def main() -> None:
@@ -33,16 +49,14 @@ def main() -> None:
     llm = LLM(model_folder(args.shape), load_format="dummy", max_num_seqs=512, enforce_eager=args.enforce_eager)
     engine = llm.engine
     requests = workload.requests(model_config(args.shape).vocab_size)
-    # The whole workload once, for the time outside the steady decode steps profiled below.
-    steps_before = engine.stats.steps
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    llm.generate([p for p, _ in requests], [SamplingParams(n=workload.n, max_tokens=t, ignore_eos=True) for _, t in requests])
-    torch.cuda.synchronize()
-    full_run_s = time.perf_counter() - started
-    full_run_steps = engine.stats.steps - steps_before
+    params = SamplingParams(n=workload.n, ignore_eos=True)
+    llm.generate([p for p, _ in requests], [replace(params, max_tokens=t) for _, t in requests])  # warm-up
+    # The whole workload step by step (prompts not cached): where the time outside steady decode goes.
+    engine.reset_prefix_cache()
+    step_ms = run_timed(engine, requests, params)
+    full_run_s = sum(step_ms) / 1000
     for index, (prompt, tokens) in enumerate(requests):
-        engine.add_request(str(index), prompt, SamplingParams(n=workload.n, max_tokens=tokens, ignore_eos=True))
+        engine.add_request(f"p{index}", prompt, replace(params, max_tokens=tokens))
     while engine.scheduler.waiting or any(s.pending_forks for s in engine.scheduler.running):
         engine.step()
     for _ in range(5):
@@ -62,23 +76,31 @@ def main() -> None:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name] += event.device_time / 1000 / args.steps
     gpu_ms = sum(kernels.values())
+    # The host's calls into the CUDA runtime: a long copy or launch means the host waited there.
+    runtime = defaultdict(float)
+    for event in prof.key_averages():
+        if event.key.startswith("cuda") and event.device_type == torch.autograd.DeviceType.CPU:
+            runtime[event.key] += event.self_cpu_time_total / 1000 / args.steps
     top = sorted(kernels.items(), key=lambda item: -item[1])[:12]
     result = {
         "workload": args.workload, "shape": args.shape, "batch": len(engine.scheduler.running),
         "step_wall_ms": wall_ms, "gpu_kernel_ms": gpu_ms, "gaps_and_host_ms": wall_ms - gpu_ms,
-        "top_kernels_ms": dict(top), "cuda_graphs": engine.runner.decode_graphs is not None,
-        "full_run_s": full_run_s, "full_run_steps": full_run_steps,
+        "top_kernels_ms": dict(top), "runtime_calls_ms": dict(runtime), "cuda_graphs": engine.runner.decode_graphs is not None,
+        "full_run_s": full_run_s, "full_run_steps": len(step_ms), "full_run_step_ms": step_ms,
     }
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=2)
     for name, ms in top:
         print(f"{ms:8.3f} ms  {name[:100]}")
+    for name, ms in sorted(runtime.items(), key=lambda item: -item[1])[:6]:
+        print(f"{ms:8.3f} ms  host in {name}")
     print(f"\nbatch {result['batch']}: step {wall_ms:.2f} ms wall, {gpu_ms:.2f} ms of GPU kernels, "
           f"{wall_ms - gpu_ms:.2f} ms of launch gaps and host work (graphs: {result['cuda_graphs']})")
-    print(f"whole workload: {full_run_s:.3f} s in {full_run_steps} steps, "
-          f"{full_run_s - full_run_steps * wall_ms / 1000:.3f} s more than that many steady decode steps")
-
+    slowest = sorted(range(len(step_ms)), key=lambda i: -step_ms[i])[:5]
+    print(f"whole workload: {full_run_s:.3f} s in {len(step_ms)} steps, "
+          f"{full_run_s - len(step_ms) * wall_ms / 1000:.3f} s more than that many steady decode steps; "
+          "slowest steps: " + ", ".join(f"#{i} {step_ms[i]:.1f} ms" for i in slowest))
 
 if __name__ == "__main__":
     main()
