@@ -5,21 +5,70 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Logit rows taken to float32 at once: bounds the float32 temporaries (a few of ~128 MiB each).
+CHUNK_ELEMENTS = 2**25
 
-def token_logps_and_entropy(logits: torch.Tensor, token_ids: torch.Tensor,
-                            with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log_softmax(logits) at `token_ids`, and the entropy of each distribution; row by row to bound memory.
 
-    logits [B, T, V], token_ids [B, T] → ([B, T], [B, T] or None), in float32.
+def _row_chunks(logits: torch.Tensor) -> list[slice]:
+    rows = max(1, CHUNK_ELEMENTS // logits.size(-1))
+    return [slice(start, start + rows) for start in range(0, logits.size(0), rows)]
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(logits / temperature) at `token_ids`, in float32 over chunks of rows of [N, V] logits.
+
+    Autograd saves only the logits (in their own dtype) and one float32 logsumexp per row; the backward
+    pass recomputes the softmax chunk by chunk. Entropies come from the same pass and carry no gradient.
     """
-    logps, entropies = [], []
-    for row_logits, row_ids in zip(logits, token_ids, strict=True):
-        row_log_probs = row_logits.float().log_softmax(dim=-1)
-        logps.append(row_log_probs.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1))
-        if with_entropy:
-            with torch.no_grad():  # logged only: keep it out of the autograd graph
-                entropies.append(-(row_log_probs.exp() * row_log_probs).sum(-1))
-    return torch.stack(logps), (torch.stack(entropies) if with_entropy else None)
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logsumexp = logits.new_empty(logits.size(0), dtype=torch.float32)
+        logps = torch.empty_like(logsumexp)
+        entropy = torch.empty_like(logsumexp) if with_entropy else None
+        for rows in _row_chunks(logits):
+            scaled = _scaled(logits[rows], temperature)
+            logsumexp[rows] = scaled.logsumexp(-1)
+            logps[rows] = scaled.gather(-1, token_ids[rows, None]).squeeze(-1) - logsumexp[rows]
+            if with_entropy:
+                log_probs = scaled - logsumexp[rows, None]
+                entropy[rows] = -log_probs.exp().mul_(log_probs).sum(-1)
+        ctx.save_for_backward(logits, token_ids, logsumexp)
+        ctx.temperature = temperature
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor, grad_entropy: torch.Tensor | None):
+        logits, token_ids, logsumexp = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        # d logp / d logits = (onehot(token) − softmax) / temperature
+        grad_scaled = grad_logps / ctx.temperature
+        for rows in _row_chunks(logits):
+            grad = grad_scaled[rows, None]
+            probs = (_scaled(logits[rows], ctx.temperature) - logsumexp[rows, None]).exp_()
+            grad_logits[rows] = probs.mul_(-grad).scatter_add_(-1, token_ids[rows, None], grad)
+        return grad_logits, None, None, None
+
+
+def token_logps_and_entropy(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
+                            with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log_softmax(logits / temperature) at `token_ids`, and the entropy of each distribution (no gradient).
+
+    logits [B, T, V], token_ids [B, T] → ([B, T], [B, T] or None), in float32 whatever the logits' dtype.
+    Contiguous logits are read in place; others are copied once.
+    """
+    vocab_size = logits.size(-1)
+    logps, entropy = _TokenLogps.apply(logits.reshape(-1, vocab_size), token_ids.reshape(-1), temperature,
+                                       with_entropy)
+    return logps.view(token_ids.shape), (entropy.view(token_ids.shape) if with_entropy else None)
 
 
 def completion_logps(
@@ -42,20 +91,18 @@ def completion_logps(
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    num_completion_tokens = completion_ids.size(1)
+    # The positions that predict completion tokens: the LM head runs over these only, and its
+    # logits come out contiguous.
+    prompt_width = prompt_ids.size(1)
+    predicting = torch.arange(prompt_width - 1, input_ids.size(1) - 1, device=input_ids.device)
     step = batch_size or input_ids.size(0)
     all_logps, all_entropies = [], []
     for start in range(0, input_ids.size(0), step):
         rows = slice(start, start + step)
-        # logits_to_keep: the LM head runs only over the positions that predict completion tokens.
-        logits = model(
-            input_ids=input_ids[rows],
-            attention_mask=attention_mask[rows],
-            position_ids=position_ids[rows],
-            use_cache=False,
-            logits_to_keep=num_completion_tokens + 1,
-        ).logits[:, :-1]
-        logps, entropy = token_logps_and_entropy(logits / temperature, completion_ids[rows], with_entropy)
+        logits = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
+                       position_ids=position_ids[rows], use_cache=False, logits_to_keep=predicting).logits
+        logps, entropy = token_logps_and_entropy(logits, completion_ids[rows], temperature=temperature,
+                                                 with_entropy=with_entropy)
         all_logps.append(logps)
         all_entropies.append(entropy)
     logps = torch.cat(all_logps)

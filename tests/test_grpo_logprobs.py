@@ -1,0 +1,66 @@
+"""Per-token logprobs and entropies (chunked float32 with a recomputing backward) against plain log_softmax."""
+
+import pytest
+import torch
+
+from flywheel.trainer import logprobs
+from flywheel.trainer.logprobs import completion_logps, token_logps_and_entropy
+
+VOCAB = 50
+
+
+def reference(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float):
+    """log_softmax in float64 of the logits over temperature: logps, entropies, and the logits' gradient."""
+    logits = logits.detach().double().requires_grad_()
+    log_probs = (logits / temperature).log_softmax(-1)
+    logps = log_probs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logps, entropy.detach(), logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logps_entropy_and_gradient_match_log_softmax(monkeypatch, dtype, temperature):
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * VOCAB)  # chunks of 3 rows, the last one shorter
+    generator = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(2, 7, VOCAB, generator=generator)).to(dtype).requires_grad_()
+    token_ids = torch.randint(0, VOCAB, (2, 7), generator=generator)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])  # the second row is padded on the right
+    weights = torch.randn(2, 7, generator=generator)
+
+    logps, entropy = token_logps_and_entropy(logits, token_ids, temperature=temperature, with_entropy=True)
+    (logps * weights * mask).sum().backward()
+    ref_logps, ref_entropy, ref_logits = reference(logits, token_ids, temperature)
+    (ref_logps * weights * mask).sum().backward()
+
+    assert logps.dtype == entropy.dtype == torch.float32 and logits.grad.dtype == dtype
+    assert not entropy.requires_grad
+    torch.testing.assert_close(logps.double(), ref_logps.detach(), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-5, rtol=1e-6)
+    tolerance = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad.to(dtype).double(), **tolerance)
+    assert (logits.grad[1, 4:] == 0).all()  # padded positions get no gradient
+
+
+def test_entropy_is_left_out_when_not_asked():
+    logits = torch.randn(1, 3, VOCAB)
+    logps, entropy = token_logps_and_entropy(logits, torch.tensor([[1, 2, 3]]))
+    assert entropy is None and logps.shape == (1, 3)
+
+
+def test_completion_logps_score_padded_rows_as_unpadded_ones(hf_models):
+    model = hf_models["qwen2"]
+    prompt, completion = [5, 9, 13], [4, 8]
+    # Row 0 unpadded; row 1: the same sequence with a left-padded prompt and a right-padded completion.
+    prompt_ids = torch.tensor([[0] + prompt, [0, 0] + prompt[1:]])
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    completion_ids = torch.tensor([completion + [0], completion[:1] + [0, 0]])
+    completion_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    with torch.no_grad():
+        logps, entropy = completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                          temperature=0.8, with_entropy=True)
+        expected = (model(torch.tensor([prompt + completion])).logits[0, 2:4] / 0.8).log_softmax(-1)
+    torch.testing.assert_close(logps[0, :2], expected[[0, 1], completion], atol=1e-5, rtol=0)
+    unpadded = (model(torch.tensor([prompt[1:] + completion[:1]])).logits[0, 1] / 0.8).log_softmax(-1)
+    torch.testing.assert_close(logps[1, 0], unpadded[completion[0]], atol=1e-5, rtol=0)
+    assert logps.shape == entropy.shape == (2, 3)
