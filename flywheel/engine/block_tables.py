@@ -1,9 +1,11 @@
-"""The block tables of consecutive decode steps as one array, refreshed only in the rows that changed.
+"""The block tables of consecutive decode steps as one array, refreshed only where they changed.
 
 Between two decode steps most sequences keep their table (a new block comes once every
 ``block_size`` tokens), so rebuilding a [batch, width] tensor from Python lists every step is
 wasted host time. Rows follow the batch's order; a sequence keeps its row data when the batch is
-reordered or shrinks, and ``Sequence.table_version`` says when a row must be copied again.
+reordered or shrinks, and ``Sequence.table_version`` says when a row must be refreshed. While a
+sequence stays in the batch its table only grows or has its last block replaced (copy-on-write),
+so a refresh writes the entries from its previous last one on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class DecodeBlockTables:
         self.array = torch.full((0, 1), -1, dtype=torch.int32)
         self.seq_ids: list[int] = []
         self.versions: list[int] = []
+        self.lengths: list[int] = []
 
     def update(self, seqs: list[Sequence]) -> torch.Tensor:
         """The tables of ``seqs`` in batch order, padded with -1 to the longest (a view of the mirror)."""
@@ -29,16 +32,21 @@ class DecodeBlockTables:
             grown = torch.full((len(seqs), max(width, 2 * self.array.shape[1])), -1, dtype=torch.int32)
             grown[:, : self.array.shape[1]] = self.array
             self.array = grown
-        full_width = self.array.shape[1]
-        versions = self.versions
-        rows, tables = [], []
+        versions, lengths = self.versions, self.lengths
+        rows, columns, values = [], [], []
         for row, seq in enumerate(seqs):
             if versions[row] != seq.table_version:
-                rows.append(row)
-                tables.append(seq.block_table + [-1] * (full_width - len(seq.block_table)))
-                versions[row] = seq.table_version
+                table, known = seq.block_table, lengths[row]
+                if known < 0:  # new to the batch: the whole row
+                    start, end = 0, self.array.shape[1]
+                else:
+                    start, end = max(0, min(known, len(table)) - 1), max(known, len(table))
+                rows += [row] * (end - start)
+                columns += range(start, end)
+                values += table[start:end] + [-1] * (end - max(start, len(table)))
+                versions[row], lengths[row] = seq.table_version, len(table)
         if rows:
-            self.array[rows] = torch.tensor(tables, dtype=torch.int32)
+            self.array[rows, columns] = torch.tensor(values, dtype=torch.int32)
         return self.array[:, :width]
 
     def _reorder(self, seq_ids: list[int]) -> None:
@@ -48,6 +56,7 @@ class DecodeBlockTables:
             self.array = self.array[source]
         else:
             self.array = torch.full((len(seq_ids), self.array.shape[1]), -1, dtype=torch.int32)
-        # Rows of sequences new to the batch (source -1 took an arbitrary row) are copied afresh.
+        # A row new to the batch (source -1 took an arbitrary row's data) is rewritten whole.
         self.versions = [self.versions[row] if row >= 0 else -1 for row in source]
+        self.lengths = [self.lengths[row] if row >= 0 else -1 for row in source]
         self.seq_ids = seq_ids
