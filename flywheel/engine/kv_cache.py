@@ -8,7 +8,7 @@ hash, so a new sequence with the same prefix reuses them. Blocks shared by sever
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 from flywheel.engine.sequence import Sequence
 
@@ -34,7 +34,9 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        # In the order they were freed (the oldest cached contents are handed out first); a cached
+        # block taken back out of the middle costs O(1).
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block_id: dict[int, int] = {}
         self.prefix_cache_hit_tokens = 0
 
@@ -48,9 +50,9 @@ class BlockManager:
 
     def _take_free_block(self, block_id: int | None = None) -> Block:
         if block_id is None:
-            block_id = self.free_block_ids.popleft()
+            block_id, _ = self.free_block_ids.popitem(last=False)
         else:
-            self.free_block_ids.remove(block_id)
+            del self.free_block_ids[block_id]
         block = self.blocks[block_id]
         if block.hash is not None and self.hash_to_block_id.get(block.hash) == block_id:
             del self.hash_to_block_id[block.hash]
@@ -62,7 +64,7 @@ class BlockManager:
         block.ref_count -= 1
         if block.ref_count == 0:
             # Keep the hash: the block stays reusable until it is handed out again.
-            self.free_block_ids.append(block_id)
+            self.free_block_ids[block_id] = None
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix of ``seq``'s full blocks."""
@@ -90,7 +92,7 @@ class BlockManager:
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
-                self.free_block_ids.remove(block_id)
+                del self.free_block_ids[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
         for _ in range(seq.num_blocks_needed(self.block_size) - len(hits)):
