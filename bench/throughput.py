@@ -13,6 +13,7 @@ import argparse
 import gc
 import json
 import time
+from dataclasses import replace
 
 import torch
 from bench.shapes import SHAPES, WORKLOADS, model_config, model_folder
@@ -40,7 +41,9 @@ def run_engine(args, folder: str, requests) -> dict:
         for _, tokens in requests
     ]
     prompts = [prompt for prompt, _ in requests]
-    llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * 2)  # warm-up
+    # Warm-up as the transformers baseline's: the whole batch for 4 tokens; then no prompt is cached.
+    llm.generate(prompts, [replace(p, max_tokens=4) for p in params])
+    llm.reset_prefix_cache()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     synchronize(args.device)
