@@ -79,3 +79,34 @@ def test_colocated_engine_batches_a_whole_rollout_and_sleeps_when_asked(tiny_che
     trainer.rollout.wake_up()
     assert not engine.sleeping
     trainer.rollout.close()
+
+
+def test_on_policy_loss_takes_old_logprobs_and_importance_weights_from_its_own_forward(tiny_checkpoints, tmp_path):
+    """With no optimizer step inside a generation there is no separate old-policy pass, and the loss and
+    its gradient are those computed with old logprobs and importance weights from such a pass."""
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction,
+                          args=colocate_args(tmp_path, max_steps=1), train_dataset=Dataset.from_dict({"prompt": ["a"]}))
+    assert not trainer.needs_old_logps
+    model = trainer.model.train()
+    batch = trainer._prepare_inputs([{"prompt": "Say:"}] * 16)
+    assert "old_logps" not in batch and "importance_weights" not in batch
+    # An engine further from the trainer than the real one, so that the weights matter (some are capped).
+    noise = torch.randn(batch["sampling_logps"].shape, generator=torch.Generator().manual_seed(0))
+    batch["sampling_logps"] = batch["sampling_logps"] + 0.5 * noise * batch["completion_mask"]
+
+    def loss_and_grads(inputs):
+        model.zero_grad()
+        loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        return loss.detach(), [param.grad.clone() for param in model.parameters()]
+
+    loss, grads = loss_and_grads(batch)
+    assert trainer.metrics.summary("train", 1)["sampling/importance_sampling_ratio/max"] == 2.0
+    with torch.no_grad():
+        old_logps = trainer._logps(model, batch)
+    weights = torch.exp(old_logps - batch["sampling_logps"]).clamp(max=trainer.args.vllm_importance_sampling_cap)
+    expected_loss, expected_grads = loss_and_grads({**batch, "old_logps": old_logps, "importance_weights": weights})
+    torch.testing.assert_close(loss, expected_loss, atol=1e-6, rtol=0)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+    trainer.rollout.close()

@@ -131,3 +131,23 @@ def test_config_resolves_generation_batch_and_keeps_trl_names(tmp_path):
                  "epsilon", "epsilon_high", "loss_type", "scale_rewards", "reward_weights",
                  "mask_truncated_completions", "log_completions"):
         assert helps.get(name), name
+
+
+@pytest.mark.parametrize(
+    ("accumulation", "steps_per_generation", "num_iterations", "policy_moves"),
+    [
+        (4, 4, 1, False),  # one generation per optimizer step
+        (4, 2, 1, False),  # two generations per optimizer step
+        (4, 2, 2, False),  # both iterations of a generation within one optimizer step
+        (4, 4, 2, True),  # the second iteration follows an optimizer step
+        (4, 8, 1, True),  # a generation spans two optimizer steps
+        (4, 3, 1, True),  # generations straddle optimizer steps
+    ],
+)
+def test_old_logprobs_get_their_own_pass_only_when_the_policy_moves_within_a_generation(
+        tiny_checkpoints, tmp_path, accumulation, steps_per_generation, num_iterations, policy_moves):
+    args = learning_args(tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=accumulation,
+                         steps_per_generation=steps_per_generation, num_iterations=num_iterations)
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}))
+    assert trainer.needs_old_logps == policy_moves

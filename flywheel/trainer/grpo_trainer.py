@@ -75,13 +75,12 @@ class GRPOTrainer(OnlineTrainer):
         if args.beta != 0.0:
             ref = reference_model(self.model_path, self.model, args.model_init_kwargs)
             self.ref_model = self.prepare_frozen_model(ref)
-        # Old-policy logprobs are needed when a batch is trained on after an optimizer step, or to
-        # correct the gap to the engine's sampling distribution.
-        self.needs_old_logps = (
-            args.num_iterations > 1
-            or args.steps_per_generation > args.gradient_accumulation_steps
-            or (args.use_vllm and args.vllm_importance_sampling_correction)
-        )
+        # A generation is trained on over `steps_per_generation × num_iterations` micro-steps. Unless
+        # every optimizer step spans whole generations, some of those micro-steps run after an
+        # optimizer step, and the generating policy's logprobs need a pass of their own; otherwise
+        # they are the training forward's, detached.
+        generate_every = args.steps_per_generation * args.num_iterations
+        self.needs_old_logps = args.gradient_accumulation_steps % generate_every != 0
         self._buffered: list[dict[str, Any]] | None = None
         self._micro_step = 0
 
@@ -146,10 +145,10 @@ class GRPOTrainer(OnlineTrainer):
         with torch.no_grad():
             if self.needs_old_logps and mode == "train":
                 batch["old_logps"] = self._logps(self.model, batch)
-                if args.use_vllm and args.vllm_importance_sampling_correction and "sampling_logps" in batch:
-                    ratio = torch.exp(batch["old_logps"] - batch["sampling_logps"])
-                    batch["importance_weights"] = ratio.clamp(max=args.vllm_importance_sampling_cap)
-                    self._log_importance_weights(mode, batch["importance_weights"], generated.completion_mask)
+                if self._corrects_sampling(mode, batch):
+                    batch["importance_weights"] = self._importance_weights(
+                        mode, batch["old_logps"], batch["sampling_logps"], generated.completion_mask
+                    )
             if self.ref_model is not None:
                 batch["ref_logps"] = self._logps(self.ref_model, batch)
         return batch
@@ -183,12 +182,21 @@ class GRPOTrainer(OnlineTrainer):
         start = self.accelerator.process_index * len(rows)
         return advantages[start : start + len(rows)]
 
-    def _log_importance_weights(self, mode: str, weights: torch.Tensor, mask: torch.Tensor) -> None:
+    def _corrects_sampling(self, mode: str, batch: dict[str, Any]) -> bool:
+        """Whether the training loss of `batch` is weighted by the trainer-over-engine probability ratio."""
+        correction = self.args.use_vllm and self.args.vllm_importance_sampling_correction
+        return correction and mode == "train" and "sampling_logps" in batch
+
+    def _importance_weights(self, mode: str, old_logps: torch.Tensor, sampling_logps: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+        """Truncated importance-sampling weights min(π_old / π_engine, cap), logged over the real tokens."""
+        weights = torch.exp(old_logps - sampling_logps).clamp(max=self.args.vllm_importance_sampling_cap)
         valid = weights[mask.bool()]
         if valid.numel():
             self.log_mean(mode, "sampling/importance_sampling_ratio/mean", valid.mean())
             self.log_mean(mode, "sampling/importance_sampling_ratio/min", valid.min())
             self.log_mean(mode, "sampling/importance_sampling_ratio/max", valid.max())
+        return weights
 
     def _remember_completions(self, generated: Generated, rewards: torch.Tensor) -> None:
         from accelerate.utils import gather_object
@@ -212,14 +220,17 @@ class GRPOTrainer(OnlineTrainer):
         logps, entropy = completion_logps(model, inputs["prompt_ids"], inputs["prompt_mask"],
                                           inputs["completion_ids"], inputs["completion_mask"],
                                           temperature=args.temperature, with_entropy=True)
+        mask = inputs["completion_mask"]
         old_logps = inputs.get("old_logps", logps.detach())
+        importance_weights = inputs.get("importance_weights")
+        if "old_logps" not in inputs and self._corrects_sampling(mode, inputs):
+            importance_weights = self._importance_weights(mode, old_logps, inputs["sampling_logps"], mask)
         loss, stats = grpo_loss(
             logps, old_logps, inputs["advantages"], inputs["loss_mask"], loss_type=args.loss_type,
             epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta,
-            ref_logps=inputs.get("ref_logps"), importance_weights=inputs.get("importance_weights"),
+            ref_logps=inputs.get("ref_logps"), importance_weights=importance_weights,
             max_completion_length=args.max_completion_length, num_items_in_batch=inputs["tokens_per_micro_batch"],
         )
-        mask = inputs["completion_mask"]
         self.log_mean(mode, "entropy", masked_mean(entropy.detach(), mask))
         for name, value in stats.items():
             self.log_mean(mode, name if name == "kl" else f"{name}_mean", value)
