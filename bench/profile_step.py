@@ -2,10 +2,9 @@
 
     python -m bench.profile_step --workload rollout --shape qwen2.5-0.5b --out $OUT/profile.json
 
-Runs the whole workload once to warm up, once step by step (the wall time of every step), then the
-workload's prefill and a few decode steps under torch.profiler: the step's wall time, the time the
-GPU was busy with kernels, the largest kernels and the host's time in CUDA runtime calls. Prints a
-table last.
+Runs the whole workload twice step by step (the wall time of every step), then the workload's
+prefill and a few decode steps under torch.profiler: the step's wall time, the time the GPU was busy
+with kernels, the largest kernels and the host's time in CUDA runtime calls. Prints a table last.
 """
 
 from __future__ import annotations
@@ -37,6 +36,11 @@ def run_timed(engine, requests, params: SamplingParams) -> list[float]:
     return step_ms
 
 
+def slowest_steps(step_ms: list[float], count: int = 6) -> str:
+    slowest = sorted(range(len(step_ms)), key=lambda i: -step_ms[i])[:count]
+    return ", ".join(f"#{i} {step_ms[i]:.1f} ms" for i in slowest)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=list(WORKLOADS), default="rollout")
@@ -50,8 +54,12 @@ def main() -> None:
     engine = llm.engine
     requests = workload.requests(model_config(args.shape).vocab_size)
     params = SamplingParams(n=workload.n, ignore_eos=True)
-    llm.generate([p for p, _ in requests], [replace(params, max_tokens=t) for _, t in requests])  # warm-up
-    # The whole workload step by step (prompts not cached): where the time outside steady decode goes.
+    # After bench.throughput's warm-up (the whole batch for 4 tokens), the whole workload step by step,
+    # twice (prompts not cached): the first pass is what bench.throughput times; the second shows
+    # where the time outside steady decode goes once everything has run once.
+    llm.generate([p for p, _ in requests], [replace(params, max_tokens=4) for _ in requests])  # as bench.throughput
+    engine.reset_prefix_cache()
+    first_pass_ms = run_timed(engine, requests, params)
     engine.reset_prefix_cache()
     step_ms = run_timed(engine, requests, params)
     full_run_s = sum(step_ms) / 1000
@@ -87,6 +95,7 @@ def main() -> None:
         "step_wall_ms": wall_ms, "gpu_kernel_ms": gpu_ms, "gaps_and_host_ms": wall_ms - gpu_ms,
         "top_kernels_ms": dict(top), "runtime_calls_ms": dict(runtime), "cuda_graphs": engine.runner.decode_graphs is not None,
         "full_run_s": full_run_s, "full_run_steps": len(step_ms), "full_run_step_ms": step_ms,
+        "first_pass_s": sum(first_pass_ms) / 1000, "first_pass_step_ms": first_pass_ms,
     }
     if args.out:
         with open(args.out, "w") as handle:
@@ -97,10 +106,10 @@ def main() -> None:
         print(f"{ms:8.3f} ms  host in {name}")
     print(f"\nbatch {result['batch']}: step {wall_ms:.2f} ms wall, {gpu_ms:.2f} ms of GPU kernels, "
           f"{wall_ms - gpu_ms:.2f} ms of launch gaps and host work (graphs: {result['cuda_graphs']})")
-    slowest = sorted(range(len(step_ms)), key=lambda i: -step_ms[i])[:5]
     print(f"whole workload: {full_run_s:.3f} s in {len(step_ms)} steps, "
           f"{full_run_s - len(step_ms) * wall_ms / 1000:.3f} s more than that many steady decode steps; "
-          "slowest steps: " + ", ".join(f"#{i} {step_ms[i]:.1f} ms" for i in slowest))
+          f"slowest steps: {slowest_steps(step_ms)}")
+    print(f"first pass: {sum(first_pass_ms) / 1000:.3f} s; slowest steps: {slowest_steps(first_pass_ms)}")
 
 if __name__ == "__main__":
     main()
