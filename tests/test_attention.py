@@ -34,7 +34,8 @@ def assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache
     layout = SharedPrefixLayout.from_block_tables(tables, seq_lens, BLOCK)
     q = torch.randn(len(tables), HEADS, DIM)
     got = decode_attention_shared_prefix(q, k_cache, v_cache, layout, DIM**-0.5)
-    padded = torch.tensor([t + [-1] * (4 - len(t)) for t in tables], dtype=torch.int32)
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
     plain = attention.decode_attention(q, k_cache, v_cache, torch.tensor(seq_lens), padded, DIM**-0.5)
     for row, length in enumerate(seq_lens):
         keys = attention.gather_kv(k_cache, padded[row : row + 1], length)[0]
@@ -61,6 +62,23 @@ def test_next_step_with_the_same_tables_attends_to_the_new_lengths():
     first = assert_shared_prefix_decode_equals_plain_attention(tables, [13, 14, 14, 10, 11, 6], k_cache, v_cache)
     second = assert_shared_prefix_decode_equals_plain_attention(tables, [14, 15, 15, 11, 12, 7], k_cache, v_cache)
     assert second.blocks is first.blocks
+
+
+def test_later_steps_read_each_new_position_and_new_block():
+    torch.manual_seed(3)
+    k_cache, v_cache = random_cache()
+    tables = shared_prefix_tables()
+    seq_lens = [15, 15, 16, 11, 12, 8]
+    assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache)
+    free_blocks = iter(sorted(set(range(64)) - {b for t in tables for b in t}))
+    for _ in range(2):
+        seq_lens = [length + 1 for length in seq_lens]
+        tables = [t + [next(free_blocks)] if length > len(t) * BLOCK else t for t, length in zip(tables, seq_lens)]
+        for table, length in zip(tables, seq_lens):  # this step's new keys and values
+            slot = table[(length - 1) // BLOCK] * BLOCK + (length - 1) % BLOCK
+            k_cache.view(-1, KV_HEADS, DIM)[slot] = torch.randn(KV_HEADS, DIM)
+            v_cache.view(-1, KV_HEADS, DIM)[slot] = torch.randn(KV_HEADS, DIM)
+        assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache)
 
 
 def test_no_layout_without_sharing():

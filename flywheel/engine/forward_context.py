@@ -8,7 +8,7 @@ from types import ModuleType
 
 import torch
 
-from flywheel.engine.shared_prefix import SharedPrefixLayout, decode_attention_shared_prefix
+from flywheel.engine.shared_prefix import SharedPrefixLayout, decode_attention_shared_prefix, forget_kept_layout
 
 
 @dataclass
@@ -23,6 +23,10 @@ class ForwardContext:
     max_seq_len: int | None = None
     max_q_len: int | None = None
     shared_prefix: SharedPrefixLayout | None = None  # decode on the PyTorch path only
+
+    def __post_init__(self) -> None:
+        if self.is_prefill:
+            forget_kept_layout()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer]

@@ -2,18 +2,21 @@
 
 The ``n`` completions of a prompt share its full cache blocks. Each group's queries meet the shared
 keys in one matrix product, every sequence's queries meet its own keys, and both sets of scores go
-through one softmax. The values are then summed straight out of the paged cache by
-``embedding_bag`` (a gather fused with the weighted sum), so no copy of them is made. The layout is
-built once per step and serves every layer; the part of it that follows from the block tables is
-kept while they stay the same. This is the CPU path's decode (memory traffic is its bottleneck).
+through one softmax. Keys and values are read from copies laid out head by head, which small matrix
+products read several times faster than the paged cache: each layer's copies are made at the first
+decode step after a prefill and then only extended, by one position per sequence a step (the block
+tables change once every ``block_size`` steps and only by a new block at the end). The layout is
+built once per step and serves every layer. This is the CPU path's decode (memory traffic is its
+bottleneck).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 @dataclass
@@ -29,7 +32,6 @@ class SharedBlocks:
     private_blocks: torch.Tensor  # [B, P]: each row's blocks after its shared ones, padded with 0 (masked)
     private_slots: torch.Tensor  # [B, P * block_size]: the cache slot of each private position
     block_size: int
-    _value_rows: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_block_tables(cls, block_tables: list[list[int]], block_size: int) -> SharedBlocks | None:
@@ -73,10 +75,9 @@ class SharedBlocks:
             block_size=block_size,
         )
 
-    def column_bias(self, seq_lens: list[int]) -> torch.Tensor:
+    def column_bias(self, private_lens: torch.Tensor) -> torch.Tensor:
         """``[B, (S + P) * block_size]``: 0 at the shared, then the private, positions each row attends
         to; -inf elsewhere."""
-        private_lens = torch.tensor(seq_lens) - self.shared_lens
         visible = torch.cat(
             [
                 torch.arange(self.group_blocks.shape[1] * self.block_size)[None, :] < self.shared_lens[:, None],
@@ -86,28 +87,88 @@ class SharedBlocks:
         )
         return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
 
-    def value_rows(self, kv_heads: int, group_size: int) -> torch.Tensor:
-        """``[B * heads, P * block_size]``: each query's private rows of the value cache viewed as
-        ``[slots * kv_heads, D]``."""
-        key = (kv_heads, group_size)
-        if key not in self._value_rows:
-            rows = self.private_slots[:, None, :] * kv_heads + torch.arange(kv_heads)[None, :, None]
-            batch, columns = self.private_slots.shape
-            self._value_rows[key] = rows[:, :, None, :].expand(batch, kv_heads, group_size, columns).reshape(-1, columns)
-        return self._value_rows[key]
-
     def to_groups(self, per_row: torch.Tensor) -> torch.Tensor:
-        """``[B, Q, X]`` → ``[G, M * Q, X]``: the rows of each group side by side."""
+        """``[B, kv_heads, Q, X]`` → ``[G * kv_heads, M * Q, X]``: the rows of each group side by side."""
         num_groups, most_rows = self.group_rows.shape
-        grouped = per_row.index_select(0, self.group_rows.flatten())
-        return grouped.view(num_groups, most_rows * per_row.shape[1], per_row.shape[2])
+        _, kv_heads, per_query, columns = per_row.shape
+        grouped = per_row.index_select(0, self.group_rows.flatten()).view(num_groups, most_rows, kv_heads, -1)
+        return grouped.transpose(1, 2).reshape(num_groups * kv_heads, most_rows * per_query, columns)
 
-    def to_rows(self, per_head: list[torch.Tensor]) -> torch.Tensor:
-        """One ``[G, M * Q, X]`` per kv head → ``[B, kv_heads, Q, X]``: each row's part of its group's."""
+    def to_rows(self, per_group: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """``[G * kv_heads, M * Q, X]`` → ``[B, kv_heads, Q, X]``: each row's part of its group's."""
         num_groups, most_rows = self.group_rows.shape
-        grid = torch.stack([p.view(num_groups * most_rows, -1) for p in per_head], dim=1)
-        per_row = grid.index_select(0, self.grid_rows)
-        return per_row.view(len(self.grid_rows), len(per_head), -1, per_head[0].shape[-1])
+        columns = per_group.shape[-1]
+        grid = per_group.view(num_groups, kv_heads, most_rows, -1).transpose(1, 2)
+        grid = grid.reshape(num_groups * most_rows, kv_heads, -1, columns)
+        return grid.index_select(0, self.grid_rows)
+
+
+@dataclass
+class HeldKV:
+    """One layer's keys and values for the rows of a decode step, copied out of the paged cache head
+    by head.
+
+    Between two decode steps with no prefill between them, the rows' cached positions change only
+    by one new position per row: copies extended by it stay exact. A prefill (which may reuse freed
+    blocks) drops every copy.
+    """
+
+    blocks: SharedBlocks  # the grouping and slots the copies follow
+    # Each laid out as its product with the queries or the weights reads it fastest.
+    shared_keys: torch.Tensor  # [G * kv_heads, D, S * block_size]
+    shared_values: torch.Tensor  # [G * kv_heads, S * block_size, D]
+    private_keys: torch.Tensor  # [B * kv_heads, P * block_size, D]
+    private_values: torch.Tensor  # [B * kv_heads, D, P * block_size]
+    private_lens: torch.Tensor  # [B]: the private positions each row's copy holds
+
+    @classmethod
+    def gather(cls, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SharedPrefixLayout) -> HeldKV:
+        blocks = layout.blocks
+        return cls(
+            blocks=blocks,
+            shared_keys=_gather_heads(k_cache, blocks.group_blocks).transpose(1, 2).contiguous(),
+            shared_values=_gather_heads(v_cache, blocks.group_blocks),
+            private_keys=_gather_heads(k_cache, blocks.private_blocks),
+            private_values=_gather_heads(v_cache, blocks.private_blocks).transpose(1, 2).contiguous(),
+            private_lens=layout.private_lens,
+        )
+
+    def extends_to(self, layout: SharedPrefixLayout) -> bool:
+        """Whether ``layout``'s rows are these rows, one position longer, in the same groups."""
+        if not torch.equal(self.private_lens + 1, layout.private_lens):
+            return False
+        held, new = self.blocks, layout.blocks
+        if new is held:
+            return True
+        width = held.private_slots.shape[1]
+        if new.private_slots.shape[1] < width or not torch.equal(new.group_blocks, held.group_blocks):
+            return False
+        held_positions = torch.arange(width)[None, :] < self.private_lens[:, None]
+        same_slots = new.private_slots[:, :width] == held.private_slots
+        same_groups = torch.equal(new.group_rows, held.group_rows) and torch.equal(new.shared_lens, held.shared_lens)
+        return same_groups and bool((same_slots | ~held_positions).all())
+
+    def add_newest(self, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SharedPrefixLayout) -> None:
+        """Widen the copies to ``layout``'s blocks, then copy each row's newest position out of the cache."""
+        blocks = layout.blocks
+        grow = blocks.private_slots.shape[1] - self.private_keys.shape[1]
+        if grow:
+            # Zeros, not garbage: a masked position's weight is 0, and 0 * NaN would not be.
+            self.private_keys = F.pad(self.private_keys, (0, 0, 0, grow))
+            self.private_values = F.pad(self.private_values, (0, grow))
+        self.blocks = blocks
+        self.private_lens = layout.private_lens
+        newest = self.private_lens - 1
+        slots = blocks.private_slots.gather(1, newest[:, None])[:, 0]
+        kv_heads, head_dim = k_cache.shape[2:]
+        positions = newest.repeat_interleave(kv_heads)
+        new_keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots)
+        new_values = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots)
+        key_rows = torch.arange(len(positions)) * self.private_keys.shape[1] + positions
+        self.private_keys.view(-1, head_dim).index_copy_(0, key_rows, new_keys.view(-1, head_dim))
+        self.private_values.scatter_(
+            2, positions[:, None, None].expand(-1, head_dim, 1), new_values.view(-1, head_dim, 1)
+        )
 
 
 @dataclass
@@ -115,6 +176,7 @@ class SharedPrefixLayout:
     """One decode step's rows: their shared blocks, and the positions each attends to."""
 
     blocks: SharedBlocks
+    private_lens: torch.Tensor  # [B]: positions each row attends to beyond its shared ones
     column_bias: torch.Tensor  # [B, (S + P) * block_size]
 
     @classmethod
@@ -123,12 +185,35 @@ class SharedPrefixLayout:
     ) -> SharedPrefixLayout | None:
         """The layout, or None when no two rows share a block."""
         blocks = _shared_blocks(block_tables, block_size)
-        return None if blocks is None else cls(blocks, blocks.column_bias(seq_lens))
+        if blocks is None:
+            return None
+        private_lens = torch.tensor(seq_lens) - blocks.shared_lens
+        return cls(blocks, private_lens, blocks.column_bias(private_lens))
 
 
 # The block tables of the last step and their grouping. Tables change once every block_size steps
 # of a sequence, so consecutive decode steps mostly find their grouping here.
 _previous: tuple[tuple, SharedBlocks | None] = ((), None)
+
+
+# Per layer, keyed by its key cache: the copies the last decode step read.
+_held: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def forget_kept_layout() -> None:
+    """Called on prefill, which writes cache positions that the kept copies do not follow."""
+    global _previous
+    _previous = ((), None)
+    _held.clear()
+
+
+def _held_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SharedPrefixLayout) -> HeldKV:
+    held = _held.get(k_cache)
+    if held is not None and held.extends_to(layout):
+        held.add_newest(k_cache, v_cache, layout)
+    else:
+        held = _held[k_cache] = HeldKV.gather(k_cache, v_cache, layout)
+    return held
 
 
 def _shared_blocks(block_tables: list[list[int]], block_size: int) -> SharedBlocks | None:
@@ -141,17 +226,13 @@ def _shared_blocks(block_tables: list[list[int]], block_size: int) -> SharedBloc
     return blocks
 
 
-def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``cache`` rows of ``blocks`` ``[R, N]`` as ``[R, N * block_size, kv_heads, D]`` (one row copy per block)."""
-    num_blocks, block_size = cache.shape[:2]
+def _gather_heads(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``cache`` rows of ``blocks`` ``[R, N]`` as ``[R * kv_heads, N * block_size, D]`` (one row copy per
+    block, then one transpose)."""
+    num_blocks, block_size, kv_heads, head_dim = cache.shape
     gathered = cache.view(num_blocks, -1).index_select(0, blocks.flatten())
-    return gathered.view(blocks.shape[0], blocks.shape[1] * block_size, *cache.shape[2:])
-
-
-def _scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``[R, Q, D]`` queries against ``[R, L, D]`` keys. One kv head's keys are a strided slice of the
-    gathered blocks that the product reads in place, where a transpose of all heads would be copied."""
-    return torch.bmm(queries, keys.transpose(1, 2))
+    per_row = gathered.view(blocks.shape[0], blocks.shape[1] * block_size, kv_heads, head_dim)
+    return per_row.transpose(1, 2).reshape(-1, blocks.shape[1] * block_size, head_dim)
 
 
 def decode_attention_shared_prefix(
@@ -160,27 +241,19 @@ def decode_attention_shared_prefix(
     """One query per sequence (``q`` ``[B, heads, D]``) over its cache, shared prefixes read once."""
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
-    grouped_q = (q * scale).view(batch, kv_heads, heads // kv_heads, head_dim)
-    kv_head_range = range(kv_heads)
     blocks = layout.blocks
+    held = _held_kv(k_cache, v_cache, layout)
+    queries = (q * scale).view(batch, kv_heads, heads // kv_heads, head_dim)
 
-    shared_keys = _gather_blocks(k_cache, blocks.group_blocks)
-    shared = blocks.to_rows([_scores(blocks.to_groups(grouped_q[:, h]), shared_keys[:, :, h]) for h in kv_head_range])
-    private_keys = _gather_blocks(k_cache, blocks.private_blocks)
-    private = torch.stack([_scores(grouped_q[:, h], private_keys[:, :, h]) for h in kv_head_range], dim=1)
-    scores = torch.cat([shared, private], dim=-1).add_(layout.column_bias[:, None, None, :])
+    shared = blocks.to_rows(torch.bmm(blocks.to_groups(queries), held.shared_keys), kv_heads)
+    private = torch.bmm(queries.view(batch * kv_heads, -1, head_dim), held.private_keys.transpose(1, 2))
+    scores = torch.cat([shared, private.view(batch, kv_heads, -1, private.shape[-1])], dim=-1)
+    scores.add_(layout.column_bias[:, None, None, :])
     shared_weights, private_weights = torch.softmax(scores, dim=-1).split([shared.shape[-1], private.shape[-1]], -1)
 
-    out = F.embedding_bag(
-        blocks.value_rows(kv_heads, heads // kv_heads),
-        v_cache.view(-1, head_dim),
-        mode="sum",
-        per_sample_weights=private_weights.reshape(batch * heads, -1),
-    )
-    shared_values = _gather_blocks(v_cache, blocks.group_blocks)
-    shared_out = blocks.to_rows(
-        [torch.bmm(blocks.to_groups(shared_weights[:, h]), shared_values[:, :, h]) for h in kv_head_range]
-    )
+    private_weights = private_weights.reshape(batch * kv_heads, -1, private.shape[-1])
+    out = torch.bmm(held.private_values, private_weights.transpose(1, 2)).transpose(1, 2)
+    shared_out = blocks.to_rows(torch.bmm(blocks.to_groups(shared_weights), held.shared_values), kv_heads)
     # A row outside every group has no shared weights; its place in the grid holds another row's.
-    out = out.view(batch, heads, head_dim)
+    out = out.reshape(batch, heads, head_dim)
     return out.addcmul_(shared_out.view(batch, heads, head_dim), blocks.row_in_group[:, None, None])
