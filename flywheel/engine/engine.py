@@ -134,9 +134,11 @@ class LLMEngine:
             raise ValueError(f"n ({params.n}) must be <= max_num_seqs ({self.config.max_num_seqs})")
         request = _Request(request_id, prompt, list(prompt_token_ids), stream)
         stop_ids = self._stop_token_ids(params)
+        length_limit = min(len(prompt_token_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
         for index in range(params.n):
             seq = Sequence(request_id, index, prompt_token_ids, params, self._completion_seed(params, index))
             seq.stop_token_ids = stop_ids
+            seq.length_limit = length_limit
             request.seqs.append(seq)
         parent = request.seqs[0]
         parent.pending_forks = request.seqs[1:]
@@ -211,14 +213,16 @@ class LLMEngine:
     def _complete(self, step: _InFlightDecode) -> list[RequestOutput]:
         """Wait for the tokens of a decode step in flight, then append them and check for stops."""
         sampled = step.draw.result()
-        self._mark_computed([seq for seq in step.rows if seq.status == SequenceStatus.RUNNING])
+        self._mark_computed(step.rows)
         return self._finish_step(step.rows, sampled, step.stop_ids)
 
     def _launch_next_decode(self, previous: _InFlightDecode) -> None:
         """Launch the decode step after ``previous`` before its tokens are known, when that needs no
         preemption: every sequence of it that its pending token cannot end takes a placeholder."""
+        running = SequenceStatus.RUNNING
+        # A sequence whose pending token reaches its length limit takes no further step.
         kept = [row for row, seq in enumerate(previous.rows)
-                if seq.status == SequenceStatus.RUNNING and not self._ends_at_next_token(seq)]
+                if seq.status is running and len(seq.token_ids) + 1 < seq.length_limit]
         seqs = [previous.rows[row] for row in kept]
         if not seqs or not self.sampler.can_draw_async(seqs):
             return
@@ -236,22 +240,21 @@ class LLMEngine:
         logits = self.ranks.execute(self.runner.prepare(batch, input_ids=ids))
         self._in_flight = _InFlightDecode(seqs, [seq.stop_token_ids for seq in seqs], self.sampler.draw_async(logits, seqs))
 
-    def _ends_at_next_token(self, seq: Sequence) -> bool:
-        """Whether the token being sampled for ``seq`` reaches its length limit."""
-        max_tokens = seq.params.max_tokens
-        return (max_tokens is not None and seq.num_completion_tokens + 1 >= max_tokens) or len(seq) + 1 >= self.max_model_len
-
     def _mark_computed(self, seqs: list[Sequence]) -> None:
         """After a decode step: every token but a placeholder has its keys and values in the cache."""
         block_size = self.block_manager.block_size
+        running = SequenceStatus.RUNNING
         for seq in seqs:
+            if seq.status is not running:
+                continue
             seq.num_cached_tokens = len(seq.token_ids) - (seq.token_ids[-1] == _PLACEHOLDER)
             if seq.num_cached_tokens // block_size > seq.num_hashed_blocks:
                 self.block_manager.register_computed_blocks(seq)
 
     def _finish_step(self, rows: list[Sequence], sampled: SamplerOutput, stop_ids: list[set[int]]) -> list[RequestOutput]:
         finished = self._append_tokens(rows, sampled, stop_ids)
-        self.scheduler.remove_finished()
+        if any(seq.status is SequenceStatus.FINISHED for seq in rows):
+            self.scheduler.remove_finished()
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.prefix_cache_hit_tokens = self.block_manager.prefix_cache_hit_tokens
         return finished
@@ -282,21 +285,20 @@ class LLMEngine:
         finished_requests = []
         streamed: dict[str, _Request] = {}
         any_streamed = any(request.stream for request in self.requests.values())
+        running = SequenceStatus.RUNNING
+        appended = 0
         for row, seq in enumerate(rows):
-            if seq.status != SequenceStatus.RUNNING:
+            if seq.status is not running:
                 continue  # stopped or aborted while this step was in flight
             token = sampled.token_ids[row]
             if seq.token_ids[-1] == _PLACEHOLDER:
                 seq.token_ids[-1] = token
             else:
                 seq.token_ids.append(token)
+            appended += 1
             seq.cumulative_logprob += sampled.logprobs[row]
             if seq.logprobs is not None:
-                entry = {token: Logprob(sampled.logprobs[row], sampled.top_logprobs[row][2])}
-                top_ids, top_values, _ = sampled.top_logprobs[row]
-                for rank, (top_id, value) in enumerate(zip(top_ids, top_values), start=1):
-                    entry.setdefault(top_id, Logprob(value, rank))
-                seq.logprobs.append(entry)
+                seq.logprobs.append(self._logprobs_entry(token, sampled.logprobs[row], sampled.top_logprobs[row]))
             reason = self._finish_reason(seq, token, stop_ids[row])
             if reason is not None:
                 seq.finish_reason = reason
@@ -308,21 +310,26 @@ class LLMEngine:
                 request = self.requests.get(seq.request_id)
                 if request is not None and request.stream:
                     streamed[request.request_id] = request
-            self.stats.generated_tokens += 1
+        self.stats.generated_tokens += appended
         partial = [self._request_output(request, finished=False) for request in streamed.values()]
         return finished_requests + partial
 
+    @staticmethod
+    def _logprobs_entry(token: int, logprob: float, top: tuple[list[int], list[float], int]) -> dict[int, Logprob]:
+        top_ids, top_values, rank = top
+        entry = {token: Logprob(logprob, rank)}
+        for top_rank, (top_id, value) in enumerate(zip(top_ids, top_values), start=1):
+            entry.setdefault(top_id, Logprob(value, top_rank))
+        return entry
+
     def _finish_reason(self, seq: Sequence, token: int, stop_ids: set[int]) -> str | None:
         params = seq.params
-        generated = seq.num_completion_tokens
-        if generated >= params.min_tokens:
+        if len(seq.token_ids) - seq.num_prompt_tokens >= params.min_tokens:
             if token in stop_ids:
                 return "stop"
             if params.stop and self._hits_stop_string(seq):
                 return "stop"
-        if params.max_tokens is not None and generated >= params.max_tokens:
-            return "length"
-        if len(seq) >= self.max_model_len:
+        if len(seq.token_ids) >= seq.length_limit:
             return "length"
         return None
 

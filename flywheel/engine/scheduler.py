@@ -109,7 +109,9 @@ class Scheduler:
         """A decode step of ``seqs`` when the free blocks cover it (None otherwise): the running
         sequences stay as they are, so this can be decided before the previous step's tokens are known."""
         block_manager = self.block_manager
-        if sum(block_manager.blocks_needed_to_append(seq) for seq in seqs) > block_manager.num_free_blocks:
+        # A sequence needs at most one block: count them only when the free blocks might not cover it.
+        if len(seqs) > block_manager.num_free_blocks and \
+                sum(block_manager.blocks_needed_to_append(seq) for seq in seqs) > block_manager.num_free_blocks:
             return None
         copies = [copy for seq in seqs if (copy := block_manager.append_slot(seq)) is not None]
         return ScheduledBatch(seqs, is_prefill=False, block_copies=copies)
