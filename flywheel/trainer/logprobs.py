@@ -63,11 +63,16 @@ def token_logps_and_entropy(logits: torch.Tensor, token_ids: torch.Tensor, *, te
     """log_softmax(logits / temperature) at `token_ids`, and the entropy of each distribution (no gradient).
 
     logits [B, T, V], token_ids [B, T] → ([B, T], [B, T] or None), in float32 whatever the logits' dtype.
-    Contiguous logits are read in place; others are copied once.
+    Contiguous logits are read in place; others are copied once. On a GPU, one Triton pass each way.
     """
     vocab_size = logits.size(-1)
-    logps, entropy = _TokenLogps.apply(logits.reshape(-1, vocab_size), token_ids.reshape(-1), temperature,
-                                       with_entropy)
+    rows, ids = logits.reshape(-1, vocab_size), token_ids.reshape(-1)
+    if logits.is_cuda:
+        from flywheel.trainer.logps_kernels import token_logps_triton
+
+        logps, entropy = token_logps_triton(rows, ids, temperature=temperature, with_entropy=with_entropy)
+    else:
+        logps, entropy = _TokenLogps.apply(rows, ids, temperature, with_entropy)
     return logps.view(token_ids.shape), (entropy.view(token_ids.shape) if with_entropy else None)
 
 
