@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -89,6 +90,10 @@ class LLMEngine:
         self.sleeping = False
         # Decode steps overlap with the host's bookkeeping on one GPU (see step()).
         self.overlap_decode = self.runner.device.type == "cuda" and config.tensor_parallel_size == 1
+        # The block pool is hundreds of thousands of long-lived objects; a rollout's per-token outputs
+        # set off many full garbage collections, each of which would walk them all.
+        gc.collect()
+        gc.freeze()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens; %.1f sequences of max_model_len %d)",
             self.num_blocks, config.block_size, capacity, capacity / self.max_model_len, self.max_model_len,
@@ -318,8 +323,9 @@ class LLMEngine:
     def _logprobs_entry(token: int, logprob: float, top: tuple[list[int], list[float], int]) -> dict[int, Logprob]:
         top_ids, top_values, rank = top
         entry = {token: Logprob(logprob, rank)}
-        for top_rank, (top_id, value) in enumerate(zip(top_ids, top_values), start=1):
-            entry.setdefault(top_id, Logprob(value, top_rank))
+        if top_ids:
+            for top_rank, (top_id, value) in enumerate(zip(top_ids, top_values), start=1):
+                entry.setdefault(top_id, Logprob(value, top_rank))
         return entry
 
     def _finish_reason(self, seq: Sequence, token: int, stop_ids: set[int]) -> str | None:

@@ -24,7 +24,7 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]
     # Per row: (top-k token ids, their logprobs, the sampled token's rank), when asked for.
-    top_logprobs: list[tuple[list[int], list[float], int] | None]
+    top_logprobs: list[tuple[list[int] | tuple, list[float] | tuple, int] | None]
 
 
 @dataclass
@@ -61,12 +61,15 @@ def needs_processing(params, vocab_size: int) -> bool:
     )
 
 
-def _draw_output(drawn: list[list[float]], seqs: list[Sequence]) -> SamplerOutput:
-    ids, logprobs = drawn[0], drawn[1]
+def _draw_output(drawn: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+    """The draw kernel's [ids, logprobs(, ranks)] rows (float64, on the host) for the engine."""
+    ids, logprobs = drawn[0].long().tolist(), drawn[1].tolist()
     top = [None] * len(seqs)
     if len(drawn) == 3:
-        top = [None if seq.params.logprobs is None else ([], [], int(rank)) for seq, rank in zip(seqs, drawn[2])]
-    return SamplerOutput([int(t) for t in ids], logprobs, top)
+        # The sampled token's rank only: no top-k alternatives on this path.
+        top = [None if seq.params.logprobs is None else ((), (), rank)
+               for seq, rank in zip(seqs, drawn[2].long().tolist())]
+    return SamplerOutput(ids, logprobs, top)
 
 
 @dataclass
@@ -80,7 +83,7 @@ class PendingDraw:
 
     def result(self) -> SamplerOutput:
         self.copied.synchronize()
-        return _draw_output(self.host.tolist(), self.seqs)
+        return _draw_output(self.host, self.seqs)
 
 
 class Sampler:
@@ -104,7 +107,7 @@ class Sampler:
             banned = [(row, ids) for row, (seq, ids) in enumerate(zip(seqs, stop_ids))
                       if ids and seq.num_completion_tokens < seq.params.min_tokens]
         if self.draw_tokens is not None and batch.temperature_only and not banned:
-            return _draw_output(self._draw(logits, seqs, batch).cpu().tolist(), seqs)
+            return _draw_output(self._draw(logits, seqs, batch).cpu(), seqs)
         return self._sample_processed(logits, seqs, batch, banned)
 
     def can_draw_async(self, seqs: list[Sequence]) -> bool:
