@@ -40,3 +40,4 @@ def test_mirror_equals_the_padded_tables_through_appends_copies_and_batch_change
         if rng.random() < 0.1:
             rng.shuffle(batch)
         assert torch.equal(mirror.update(batch), padded(batch))
+

@@ -2,6 +2,8 @@
 
 from conftest import hf_greedy
 from flywheel import LLM, SamplingParams
+from flywheel.engine.kv_cache import BlockManager
+from flywheel.engine.sequence import Sequence
 
 PROMPT = list(range(40, 77))  # 37 tokens: two full blocks of 16 and a partial one
 
@@ -58,3 +60,25 @@ def test_prefix_caching_can_be_disabled(tiny_checkpoints):
     llm.generate([PROMPT], greedy)
     llm.generate([PROMPT], greedy)
     assert llm.engine.stats.prefix_cache_hit_tokens == 0
+
+
+def test_prefix_cache_reset_forgets_every_hashed_block():
+    manager = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True)
+    seqs = []
+    for first in (10, 20, 30):
+        seq = Sequence("r", 0, list(range(first, first + 13)), SamplingParams(), None)
+        manager.allocate(seq)
+        seq.num_cached_tokens = len(seq)
+        manager.register_computed_blocks(seq)
+        seqs.append(seq)
+    manager.free(seqs[0])  # freed blocks keep their hashes until handed out again
+    manager.allocate(Sequence("other", 0, [1] * 9, SamplingParams(), None))  # takes some of them
+    hashed = {block.block_id for block in manager.blocks if block.hash is not None}
+    assert hashed == manager.hashed_block_ids and len(hashed) > 0
+    manager.reset_prefix_cache()
+    assert all(block.hash is None and block.token_ids == [] for block in manager.blocks)
+    assert not manager.hash_to_block_id and not manager.hashed_block_ids
+    again = Sequence("again", 0, list(range(20, 33)), SamplingParams(), None)
+    assert manager.can_allocate(again)
+    manager.allocate(again)
+    assert again.num_cached_tokens == 0  # no hit after the reset

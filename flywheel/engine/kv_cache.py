@@ -38,6 +38,8 @@ class BlockManager:
         # block taken back out of the middle costs O(1).
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block_id: dict[int, int] = {}
+        # Every block that holds a hash, so that a reset touches those and not the whole pool.
+        self.hashed_block_ids: set[int] = set()
         self.prefix_cache_hit_tokens = 0
 
     @property
@@ -54,8 +56,10 @@ class BlockManager:
         else:
             del self.free_block_ids[block_id]
         block = self.blocks[block_id]
-        if block.hash is not None and self.hash_to_block_id.get(block.hash) == block_id:
-            del self.hash_to_block_id[block.hash]
+        if block.hash is not None:
+            if self.hash_to_block_id.get(block.hash) == block_id:
+                del self.hash_to_block_id[block.hash]
+            self.hashed_block_ids.discard(block_id)
         block.hash, block.token_ids, block.ref_count = None, [], 1
         return block
 
@@ -158,9 +162,12 @@ class BlockManager:
                 tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
                 block.hash, block.token_ids = block_hash(parent, tokens), tokens
                 self.hash_to_block_id.setdefault(block.hash, block.block_id)
+                self.hashed_block_ids.add(block.block_id)
             seq.num_hashed_blocks = i + 1
 
     def reset_prefix_cache(self) -> None:
         self.hash_to_block_id.clear()
-        for block in self.blocks:
+        for block_id in self.hashed_block_ids:
+            block = self.blocks[block_id]
             block.hash, block.token_ids = None, []
+        self.hashed_block_ids.clear()
