@@ -1,4 +1,4 @@
-"""The Triton token-logp kernels equal log_softmax in float64: logps, entropies and gradients (GPU only)."""
+"""The Triton token-logp passes equal log_softmax in float64: logps, entropies and gradients (GPU only)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from flywheel.trainer.logps_kernels import token_logps_triton  # noqa: E402
+from flywheel.trainer import logps_kernels  # noqa: E402
+from flywheel.trainer.logprobs import token_logps_and_entropy  # noqa: E402
 
 # The CPU only runs these under TRITON_INTERPRET=1 (conftest skips them there otherwise).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,6 +38,18 @@ def reference(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float,
     return logps.detach(), entropy.detach(), grad_logits / temperature
 
 
+def kernel_passes(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, grad_logps: torch.Tensor,
+                  with_entropy: bool = True):
+    """logps, entropies and the logits' gradient from the two kernels."""
+    logsumexp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    logps = torch.empty_like(logsumexp)
+    entropy = torch.empty_like(logsumexp) if with_entropy else None
+    logps_kernels.forward(logits, token_ids, temperature, logsumexp, logps, entropy)
+    grad_logits = torch.empty_like(logits)
+    logps_kernels.backward(logits, token_ids, temperature, logsumexp, grad_logps, grad_logits)
+    return logps, entropy, grad_logits
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: f"{shape[0]}x{shape[1]}")
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -45,19 +58,15 @@ def test_logps_entropy_and_gradient_match_log_softmax(shape, temperature, dtype)
     logits, token_ids, grad_logps = random_batch(*shape, dtype)
     ref_logps, ref_entropy, ref_grad = reference(logits, token_ids, temperature, grad_logps)
 
-    leaf = logits.clone().requires_grad_()
-    logps, entropy = token_logps_triton(leaf, token_ids, temperature, with_entropy=True)
-    logps.backward(grad_logps)
+    logps, entropy, grad_logits = kernel_passes(logits, token_ids, temperature, grad_logps)
 
-    assert logps.dtype == entropy.dtype == torch.float32
-    assert not entropy.requires_grad
     torch.testing.assert_close(logps.double(), ref_logps, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
-    assert leaf.grad.dtype == dtype
+    assert grad_logits.dtype == dtype
     # float32 math then one rounding to the logits' dtype: within one unit in the last place of it.
     ulp = 2**-7 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(leaf.grad.double(), ref_grad, rtol=ulp, atol=1e-9)
-    assert (leaf.grad[grad_logps == 0] == 0).all()
+    torch.testing.assert_close(grad_logits.double(), ref_grad, rtol=ulp, atol=1e-9)
+    assert (grad_logits[grad_logps == 0] == 0).all()
 
 
 @pytest.mark.gpu
@@ -67,7 +76,7 @@ def test_masked_vocabulary_gives_finite_entropy():
     token_ids %= 500
     ref_logps, ref_entropy, _ = reference(logits, token_ids, 1.0, grad_logps)
 
-    logps, entropy = token_logps_triton(logits, token_ids, 1.0, with_entropy=True)
+    logps, entropy, _ = kernel_passes(logits, token_ids, 1.0, grad_logps)
 
     torch.testing.assert_close(logps.double(), ref_logps, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
@@ -75,20 +84,26 @@ def test_masked_vocabulary_gives_finite_entropy():
 
 @pytest.mark.gpu
 def test_no_rows_and_no_entropy():
-    logits = torch.zeros(0, 1000, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    logits = torch.zeros(0, 1000, dtype=torch.bfloat16, device=DEVICE)
     token_ids = torch.zeros(0, dtype=torch.long, device=DEVICE)
 
-    logps, entropy = token_logps_triton(logits, token_ids, 0.7, with_entropy=False)
-    logps.sum().backward()
+    logps, entropy, grad_logits = kernel_passes(logits, token_ids, 0.7, torch.zeros(0, device=DEVICE),
+                                                with_entropy=False)
 
-    assert logps.shape == (0,) and entropy is None
-    assert logits.grad.shape == (0, 1000)
+    assert logps.shape == (0,) and entropy is None and grad_logits.shape == (0, 1000)
 
 
 @pytest.mark.gpu
-def test_rejects_batched_logits_and_zero_temperature():
-    logits = torch.zeros(2, 3, 10, device=DEVICE)
-    with pytest.raises(ValueError, match="flatten"):
-        token_logps_triton(logits, torch.zeros(2, 3, dtype=torch.long, device=DEVICE))
-    with pytest.raises(ValueError, match="temperature"):
-        token_logps_triton(logits[0], torch.zeros(3, dtype=torch.long, device=DEVICE), temperature=0.0)
+def test_gpu_logits_take_the_kernels_through_autograd():
+    logits, token_ids, grad_logps = random_batch(6, 1000, torch.bfloat16)
+    ref_logps, ref_entropy, ref_grad = reference(logits, token_ids, 0.7, grad_logps)
+    leaf = logits.view(2, 3, 1000).clone().requires_grad_()
+
+    logps, entropy = token_logps_and_entropy(leaf, token_ids.view(2, 3), temperature=0.7, with_entropy=True)
+    logps.backward(grad_logps.view(2, 3))
+
+    assert logps.dtype == entropy.dtype == torch.float32 and not entropy.requires_grad
+    torch.testing.assert_close(logps.flatten().double(), ref_logps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(entropy.flatten().double(), ref_entropy, rtol=1e-4, atol=1e-4)
+    assert leaf.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(leaf.grad.view(6, 1000).double(), ref_grad, rtol=2**-7, atol=1e-9)

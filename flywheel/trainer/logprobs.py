@@ -19,28 +19,49 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
-class _TokenLogps(torch.autograd.Function):
-    """log softmax(logits / temperature) at `token_ids`, in float32 over chunks of rows of [N, V] logits.
-
-    Autograd saves only the logits (in their own dtype) and one float32 logsumexp per row; the backward
-    pass recomputes the softmax chunk by chunk. Entropies come from the same pass and carry no gradient.
-    """
+class _ChunkedRows:
+    """The two passes with torch operations, in float32 over chunks of rows (the CPU's path; on a GPU
+    `logps_kernels` does each in one Triton pass)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float,
-                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logsumexp = logits.new_empty(logits.size(0), dtype=torch.float32)
-        logps = torch.empty_like(logsumexp)
-        entropy = torch.empty_like(logsumexp) if with_entropy else None
+    def forward(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, logsumexp: torch.Tensor,
+                logps: torch.Tensor, entropy: torch.Tensor | None) -> None:
         for rows in _row_chunks(logits):
             scaled = _scaled(logits[rows], temperature)
             logsumexp[rows] = scaled.logsumexp(-1)
             logps[rows] = scaled.gather(-1, token_ids[rows, None]).squeeze(-1) - logsumexp[rows]
-            if with_entropy:
+            if entropy is not None:
                 log_probs = scaled - logsumexp[rows, None]
                 entropy[rows] = -log_probs.exp().mul_(log_probs).sum(-1)
+
+    @staticmethod
+    def backward(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, logsumexp: torch.Tensor,
+                 grad_logps: torch.Tensor, grad_logits: torch.Tensor) -> None:
+        # d logp / d logits = (onehot(token) − softmax) / temperature
+        grad_scaled = grad_logps / temperature
+        for rows in _row_chunks(logits):
+            grad = grad_scaled[rows, None]
+            probs = (_scaled(logits[rows], temperature) - logsumexp[rows, None]).exp_()
+            grad_logits[rows] = probs.mul_(-grad).scatter_add_(-1, token_ids[rows, None], grad)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(logits / temperature) at `token_ids` of contiguous [N, V] logits, in float32.
+
+    Autograd saves only the logits (in their own dtype) and one float32 logsumexp per row; the backward
+    pass recomputes the softmax. Entropies come from the same pass and carry no gradient. `passes`
+    computes both passes (`_ChunkedRows` or the Triton `logps_kernels`).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, with_entropy: bool,
+                passes) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logsumexp = logits.new_empty(logits.size(0), dtype=torch.float32)
+        logps = torch.empty_like(logsumexp)
+        entropy = torch.empty_like(logsumexp) if with_entropy else None
+        passes.forward(logits, token_ids, temperature, logsumexp, logps, entropy)
         ctx.save_for_backward(logits, token_ids, logsumexp)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.passes = temperature, passes
         if entropy is not None:
             ctx.mark_non_differentiable(entropy)
         return logps, entropy
@@ -49,13 +70,8 @@ class _TokenLogps(torch.autograd.Function):
     def backward(ctx, grad_logps: torch.Tensor, grad_entropy: torch.Tensor | None):
         logits, token_ids, logsumexp = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
-        # d logp / d logits = (onehot(token) − softmax) / temperature
-        grad_scaled = grad_logps / ctx.temperature
-        for rows in _row_chunks(logits):
-            grad = grad_scaled[rows, None]
-            probs = (_scaled(logits[rows], ctx.temperature) - logsumexp[rows, None]).exp_()
-            grad_logits[rows] = probs.mul_(-grad).scatter_add_(-1, token_ids[rows, None], grad)
-        return grad_logits, None, None, None
+        ctx.passes.backward(logits, token_ids, ctx.temperature, logsumexp, grad_logps, grad_logits)
+        return grad_logits, None, None, None, None
 
 
 def token_logps_and_entropy(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float = 1.0,
@@ -65,14 +81,13 @@ def token_logps_and_entropy(logits: torch.Tensor, token_ids: torch.Tensor, *, te
     logits [B, T, V], token_ids [B, T] → ([B, T], [B, T] or None), in float32 whatever the logits' dtype.
     Contiguous logits are read in place; others are copied once. On a GPU, one Triton pass each way.
     """
-    vocab_size = logits.size(-1)
-    rows, ids = logits.reshape(-1, vocab_size), token_ids.reshape(-1)
+    passes = _ChunkedRows
     if logits.is_cuda:
-        from flywheel.trainer.logps_kernels import token_logps_triton
+        from flywheel.trainer import logps_kernels
 
-        logps, entropy = token_logps_triton(rows, ids, temperature=temperature, with_entropy=with_entropy)
-    else:
-        logps, entropy = _TokenLogps.apply(rows, ids, temperature, with_entropy)
+        passes = logps_kernels
+    rows = logits.reshape(-1, logits.size(-1)).contiguous()
+    logps, entropy = _TokenLogps.apply(rows, token_ids.reshape(-1).contiguous(), temperature, with_entropy, passes)
     return logps.view(token_ids.shape), (entropy.view(token_ids.shape) if with_entropy else None)
 
 

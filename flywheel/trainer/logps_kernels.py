@@ -78,55 +78,25 @@ def _token_logps_backward_kernel(
         tl.store(grad_logits_ptr + offset + cols, grad.to(out_dtype), mask=in_row)
 
 
-class TritonTokenLogps(torch.autograd.Function):
-    """log softmax(logits / temperature) at `token_ids` for contiguous [N, V] logits, in float32.
-
-    Autograd saves the logits (in their own dtype) and one float32 logsumexp per row. Entropies come
-    from the same pass and carry no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float,
-                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        n_rows, n_cols = logits.shape
-        logsumexp = logits.new_empty(n_rows, dtype=torch.float32)
-        logps = torch.empty_like(logsumexp)
-        entropy = torch.empty_like(logsumexp) if with_entropy else None
-        if n_rows > 0:
-            _token_logps_forward_kernel[(n_rows,)](
-                logits, logits.stride(0), n_cols, token_ids, 1.0 / temperature, logsumexp, logps,
-                logsumexp if entropy is None else entropy,  # never written without WITH_ENTROPY
-                WITH_ENTROPY=with_entropy, BLOCK=_FORWARD_BLOCK, num_warps=8,
-            )
-        ctx.save_for_backward(logits, token_ids, logsumexp)
-        ctx.temperature = temperature
-        if entropy is not None:
-            ctx.mark_non_differentiable(entropy)
-        return logps, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logps: torch.Tensor, grad_entropy: torch.Tensor | None):
-        logits, token_ids, logsumexp = ctx.saved_tensors
-        n_rows, n_cols = logits.shape
-        grad_logits = torch.empty_like(logits)
-        if n_rows > 0:
-            _token_logps_backward_kernel[(n_rows, triton.cdiv(n_cols, _BACKWARD_BLOCK))](
-                logits, grad_logits, logits.stride(0), n_cols, token_ids, 1.0 / ctx.temperature, logsumexp,
-                grad_logps.contiguous(), BLOCK=_BACKWARD_BLOCK, num_warps=4,
-            )
-        return grad_logits, None, None, None
+def forward(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, logsumexp: torch.Tensor,
+            logps: torch.Tensor, entropy: torch.Tensor | None) -> None:
+    """Fill the rows' logsumexp of logits / T, the tokens' logps (and the entropies) from contiguous
+    [N, V] logits."""
+    n_rows, n_cols = logits.shape
+    if n_rows > 0:
+        _token_logps_forward_kernel[(n_rows,)](
+            logits, logits.stride(0), n_cols, token_ids, 1.0 / temperature, logsumexp, logps,
+            logsumexp if entropy is None else entropy,  # never written without WITH_ENTROPY
+            WITH_ENTROPY=entropy is not None, BLOCK=_FORWARD_BLOCK, num_warps=8,
+        )
 
 
-def token_logps_triton(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
-                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log_softmax(logits / temperature) at `token_ids`, and the entropy of each row (no gradient).
-
-    logits [N, V] (bf16, fp16 or fp32), token_ids [N] → ([N], [N] or None), in float32.
-    Logits that are not contiguous are copied once.
-    """
-    if logits.dim() != 2 or token_ids.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits [N, V] and token_ids [N], got {tuple(logits.shape)} and "
-                         f"{tuple(token_ids.shape)}: flatten the leading dimensions first")
-    if temperature <= 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return TritonTokenLogps.apply(logits.contiguous(), token_ids.contiguous(), temperature, with_entropy)
+def backward(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, logsumexp: torch.Tensor,
+             grad_logps: torch.Tensor, grad_logits: torch.Tensor) -> None:
+    """Fill ``grad_logits`` (the logits' shape and dtype) with grad_logps · (onehot − softmax) / T."""
+    n_rows, n_cols = logits.shape
+    if n_rows > 0:
+        _token_logps_backward_kernel[(n_rows, triton.cdiv(n_cols, _BACKWARD_BLOCK))](
+            logits, grad_logits, logits.stride(0), n_cols, token_ids, 1.0 / temperature, logsumexp,
+            grad_logps.contiguous(), BLOCK=_BACKWARD_BLOCK, num_warps=4,
+        )
