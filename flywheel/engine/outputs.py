@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 
-class Logprob(NamedTuple):
-    """A token's log-probability and its rank (1 = most likely) in the distribution.
-
-    A tuple of numbers, so that the garbage collector stops tracking it (and the per-token dicts that
-    hold it) after one pass: a rollout keeps one per generated token.
-    """
+@dataclass
+class Logprob:
+    """A token's log-probability and its rank (1 = most likely) in the distribution."""
 
     logprob: float
     rank: int
