@@ -38,8 +38,8 @@ class Sequence:
         self.params = params
         # Tokens that end this sequence (stop_token_ids, and EOS unless ignored); set by the engine.
         self.stop_token_ids: set[int] = set(params.stop_token_ids)
-        # The length (prompt included) at which it ends: max_tokens or the context; set by the engine.
-        self.length_limit = math.inf if params.max_tokens is None else len(prompt_token_ids) + params.max_tokens
+        # The length (prompt included) at which it ends, by max_tokens or the context; set by the engine.
+        self.length_limit = math.inf
         # A seeded request's noise key for this completion; the CPU sampler's generator comes from it.
         self.seed = seed
         self.generator: torch.Generator | None = None
