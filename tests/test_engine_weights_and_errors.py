@@ -39,6 +39,40 @@ def test_load_weights_refuses_unknown_names_and_wrong_shapes_whole(llm, hf_model
     assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in before]
 
 
+def test_a_second_push_reuses_the_targets_and_lands_whole(llm, hf_models):
+    llm.load_weights(hf_models["qwen2_b"].named_parameters())
+    targets = dict(llm.engine.runner.model._weight_targets.by_name)
+    model_a = hf_models["qwen2"]
+    llm.load_weights(model_a.named_parameters())
+    assert llm.engine.runner.model._weight_targets.by_name == targets
+    for prompt, output in zip(PROMPTS, llm.generate(PROMPTS, GREEDY)):
+        assert output.outputs[0].token_ids == hf_greedy(model_a, prompt, 16)
+
+
+def test_a_bad_name_in_a_second_push_refuses_it_whole(llm, hf_models):
+    llm.load_weights(hf_models["qwen2_b"].named_parameters())
+    before = {name: param.clone() for name, param in llm.engine.runner.model.named_parameters()}
+    bad_name = "model.layers.0.mlp.nonexistent.weight"
+    update = list(hf_models["qwen2"].named_parameters()) + [(bad_name, torch.zeros(3))]
+    with pytest.raises(ValueError, match=f"unknown weight '{bad_name}'"):
+        llm.load_weights(update)
+    for name, param in llm.engine.runner.model.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
+def test_a_parameter_or_its_storage_replaced_after_a_push_is_what_the_next_push_writes(llm, hf_models):
+    model, model_a = llm.engine.runner.model, hf_models["qwen2"]
+    llm.load_weights(hf_models["qwen2_b"].named_parameters())
+    model.norm.weight = torch.nn.Parameter(torch.zeros_like(model.norm.weight), requires_grad=False)
+    qkv = model.layers[0].self_attn.qkv_proj.weight
+    qkv.data = torch.zeros_like(qkv)
+    llm.load_weights(model_a.named_parameters())
+    attention = model_a.model.layers[0].self_attn
+    assert torch.equal(model.norm.weight.cpu(), model_a.model.norm.weight)
+    pushed_qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+    assert torch.equal(qkv.cpu(), pushed_qkv)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -1,12 +1,15 @@
 """Loading Hugging Face weights: safetensors files, HF names mapped onto fused, sharded parameters.
 
 Every name and full shape is checked against the model's Hugging Face layout before a single
-tensor is copied, so a bad update is refused whole.
+tensor is copied, so a bad update is refused whole. Where each name goes is worked out on its
+first push and kept on the model, so a live update pays only for its checks and its copies.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,27 +37,102 @@ def hf_parameter_shapes(config) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in reference.state_dict().items()}
 
 
+@dataclass(eq=False)
+class WeightTarget:
+    """Where one HF-named tensor goes: a parameter of ``module``, or a shard of it.
+
+    The parameter is looked up on its module at every push rather than kept, so one replaced
+    after the first push (``load_state_dict(assign=True)``, re-tying) is still the one written.
+    """
+
+    module: nn.Module
+    attribute: str
+    shard_id: str | int | None
+    hf_shape: tuple[int, ...]
+    # (parameter, its data_ptr, destination) when the loader's source is the whole tensor: later
+    # pushes reuse the destination view, whose slicing costs more than the copy it feeds. The view
+    # holds the parameter's memory until a push finds the parameter or its storage replaced.
+    _whole_source_destination: tuple[nn.Parameter, int, torch.Tensor] | None = field(default=None, init=False)
+
+    def parameter(self) -> nn.Parameter:
+        return getattr(self.module, self.attribute)
+
+    def views(self, parameter: nn.Parameter, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(destination, source): this rank's piece of ``parameter`` and of the full ``tensor``."""
+        kept = self._whole_source_destination
+        if kept is not None and kept[0] is parameter and kept[1] == parameter.data_ptr():
+            return kept[2], tensor
+        loader = getattr(parameter, "shard_loader", None)
+        if loader is None:
+            return parameter, tensor
+        destination, source = loader(parameter, tensor, self.shard_id)
+        if source.shape == tensor.shape:
+            self._whole_source_destination = (parameter, parameter.data_ptr(), destination)
+        return destination, source
+
+
+class WeightTargets:
+    """The targets of one model by HF name, each found on the first sight of its name."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.hf_shapes = hf_parameter_shapes(model.config)
+        self.by_name: dict[str, WeightTarget] = {}
+
+    def find(self, model: nn.Module, hf_name: str) -> WeightTarget:
+        target = self.by_name.get(hf_name)
+        if target is None:
+            target = self.by_name[hf_name] = self._resolve(model, hf_name)
+        return target
+
+    def _resolve(self, model: nn.Module, hf_name: str) -> WeightTarget:
+        name, shard_id = model.parameter_for(hf_name)
+        module_path, _, attribute = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            module = None
+        hf_shape = self.hf_shapes.get(hf_name)
+        if hf_shape is None or not isinstance(getattr(module, attribute, None), nn.Parameter):
+            raise ValueError(f"unknown weight {hf_name!r}: {type(model).__name__} has no such parameter")
+        return WeightTarget(module, attribute, shard_id, hf_shape)
+
+
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Copy HF-named tensors into ``model`` (which has ``parameter_for`` and ``config``)."""
-    shapes = getattr(model, "_hf_shapes", None)
-    if shapes is None:
-        shapes = model._hf_shapes = hf_parameter_shapes(model.config)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    plan = []
+    copy_planned_weights(plan_weight_copies(model, weights))
+
+
+def plan_weight_copies(
+    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]
+) -> list[tuple[WeightTarget, nn.Parameter, torch.Tensor]]:
+    """Check every weight and pair it with its target; raises before anything is copied."""
+    targets = getattr(model, "_weight_targets", None)
+    if targets is None:
+        targets = model._weight_targets = WeightTargets(model)
+    # Keyed by destination so that, as when copying in order, the last tensor for a place wins.
+    plan = {}
     for hf_name, tensor in weights:
         if hf_name.endswith(IGNORED_SUFFIXES):
             continue
-        expected = shapes.get(hf_name)
-        name, shard_id = model.parameter_for(hf_name)
-        if expected is None or name not in params:
-            raise ValueError(f"unknown weight {hf_name!r}: {type(model).__name__} has no such parameter")
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+        target = targets.find(model, hf_name)
+        if tuple(tensor.shape) != target.hf_shape:
+            raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {target.hf_shape}")
         if not tensor.is_floating_point():
             raise ValueError(f"weight {hf_name!r} has dtype {tensor.dtype}, expected a floating-point tensor")
-        plan.append((params[name], tensor, shard_id))
+        parameter = target.parameter()
+        plan[id(parameter), target.shard_id] = (target, parameter, tensor)
+    return list(plan.values())
+
+
+def copy_planned_weights(plan: list[tuple[WeightTarget, nn.Parameter, torch.Tensor]]) -> None:
+    """One multi-tensor copy per (destination, source) device and dtype: ``_foreach_copy_`` copies a
+    list in a few launches only when the list shares them, and one tensor at a time otherwise."""
+    groups = defaultdict(lambda: ([], []))
     with torch.no_grad():
-        for param, tensor, shard_id in plan:
-            loader = getattr(param, "shard_loader", None)
-            destination, source = loader(param, tensor, shard_id) if loader else (param, tensor)
-            destination.copy_(source)
+        for target, parameter, tensor in plan:
+            destination, source = target.views(parameter, tensor)
+            destinations, sources = groups[destination.device, destination.dtype, source.device, source.dtype]
+            destinations.append(destination)
+            sources.append(source)
+        for destinations, sources in groups.values():
+            torch._foreach_copy_(destinations, sources)
