@@ -1,11 +1,13 @@
 """Logprobs of sampled tokens equal transformers' log-softmax over the same sequence (float32)."""
 
 import math
+import pickle
 
 import pytest
 import torch
 
 from flywheel import LLM, SamplingParams
+from flywheel.engine.outputs import Logprob, TokenLogprobs
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +38,7 @@ def test_sampled_logprobs_match_transformers(llm, hf_models, temperature):
             top_values, top_ids = reference[position].topk(3)
             for top_id, value in zip(top_ids.tolist(), top_values.tolist()):
                 assert entry[top_id].logprob == pytest.approx(value, abs=1e-4)
-        assert completion.cumulative_logprob == pytest.approx(
-            sum(next(iter(e.values())).logprob for e in completion.logprobs), abs=1e-4
-        )
+        assert completion.cumulative_logprob == pytest.approx(sum(completion.logprobs.sampled), abs=1e-4)
 
 
 def test_raw_logprobs_ignore_temperature(llm, hf_models):
@@ -49,9 +49,33 @@ def test_raw_logprobs_ignore_temperature(llm, hf_models):
     for position, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
         assert list(entry) == [token]
         assert entry[token].logprob == pytest.approx(reference[position, token].item(), abs=1e-4)
+        assert completion.logprobs.sampled[position] == entry[token].logprob
 
 
 def test_no_logprobs_unless_asked(llm):
     completion = llm.generate([[1, 2]], SamplingParams(max_tokens=3))[0].outputs[0]
     assert completion.logprobs is None
     assert math.isfinite(completion.cumulative_logprob)
+
+
+def test_token_logprobs_read_as_one_dict_per_token_sampled_first():
+    logprobs = TokenLogprobs(num_top=2)
+    logprobs.append(7, -0.5, ([7, 3], [-0.5, -1.5], 1))  # the sampled token is also the most likely
+    logprobs.append(4, -2.0, ([1, 3], [-0.2, -1.9], 3))
+    expected = [{7: Logprob(-0.5, 1), 3: Logprob(-1.5, 2)},
+                {4: Logprob(-2.0, 3), 1: Logprob(-0.2, 1), 3: Logprob(-1.9, 2)}]
+    assert len(logprobs) == 2 and logprobs == expected and list(logprobs) == expected
+    assert [list(entry) for entry in logprobs] == [[7, 3], [4, 1, 3]]
+    assert logprobs[-1] == expected[1] and logprobs[1:] == expected[1:] and logprobs[5:] == []
+    with pytest.raises(IndexError):
+        logprobs[2]
+    assert logprobs.sampled == [-0.5, -2.0]
+    assert pickle.loads(pickle.dumps(logprobs)) == expected
+
+
+def test_token_logprobs_without_top_k_hold_the_sampled_token_alone():
+    logprobs = TokenLogprobs()
+    logprobs.append(9, -3.0, ((), (), 12))
+    logprobs.append(2, -0.1, ((), (), 1))
+    assert logprobs == [{9: Logprob(-3.0, 12)}, {2: Logprob(-0.1, 1)}]
+    assert logprobs.sampled == [-3.0, -0.1]

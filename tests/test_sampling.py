@@ -109,6 +109,24 @@ def test_stop_strings_cut_the_text(llm):
     assert len(out.outputs[0].token_ids) < len(full.token_ids)
 
 
+def test_detokenize_false_leaves_the_text_empty_and_the_tokenizer_alone(llm, monkeypatch):
+    greedy = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
+    [decoded] = llm.generate([[104, 105]], SamplingParams(**greedy))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoded with detokenize=False")
+
+    monkeypatch.setattr(llm.engine.tokenizer, "decode", refuse)
+    [raw] = llm.generate([[104, 105]], SamplingParams(detokenize=False, **greedy))
+    assert decoded.outputs[0].text and raw.outputs[0].text == ""
+    assert raw.outputs[0].token_ids == decoded.outputs[0].token_ids
+
+
+def test_stop_strings_need_detokenize():
+    with pytest.raises(ValueError, match="stop strings need detokenize=True"):
+        SamplingParams(stop=["\n"], detokenize=False)
+
+
 def test_penalties_change_what_is_sampled(llm):
     prompt = [7, 7, 7, 7]
     greedy = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))[0].outputs[0]

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from flywheel.engine.config import EngineConfig
 from flywheel.engine.host_to_device import to_device
 from flywheel.engine.kv_cache import BlockManager
-from flywheel.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from flywheel.engine.outputs import CompletionOutput, RequestOutput
 from flywheel.engine.sampler import PendingDraw, Sampler, SamplerOutput
 from flywheel.engine.sampling import SamplingParams
 from flywheel.engine.scheduler import Scheduler
@@ -303,7 +303,7 @@ class LLMEngine:
             appended += 1
             seq.cumulative_logprob += sampled.logprobs[row]
             if seq.logprobs is not None:
-                seq.logprobs.append(self._logprobs_entry(token, sampled.logprobs[row], sampled.top_logprobs[row]))
+                seq.logprobs.append(token, sampled.logprobs[row], sampled.top_logprobs[row])
             reason = self._finish_reason(seq, token, stop_ids[row])
             if reason is not None:
                 seq.finish_reason = reason
@@ -318,15 +318,6 @@ class LLMEngine:
         self.stats.generated_tokens += appended
         partial = [self._request_output(request, finished=False) for request in streamed.values()]
         return finished_requests + partial
-
-    @staticmethod
-    def _logprobs_entry(token: int, logprob: float, top: tuple[list[int], list[float], int]) -> dict[int, Logprob]:
-        top_ids, top_values, rank = top
-        entry = {token: Logprob(logprob, rank)}
-        if top_ids:
-            for top_rank, (top_id, value) in enumerate(zip(top_ids, top_values), start=1):
-                entry.setdefault(top_id, Logprob(value, top_rank))
-        return entry
 
     def _finish_reason(self, seq: Sequence, token: int, stop_ids: set[int]) -> str | None:
         params = seq.params
@@ -357,16 +348,10 @@ class LLMEngine:
     def _request_output(self, request: _Request, finished: bool = True) -> RequestOutput:
         outputs = []
         for seq in request.seqs:
-            text = self._completion_text(seq.completion_token_ids, seq.params)
-            if seq.stop_text_end is not None:
-                text = text[: seq.stop_text_end]
-            elif not seq.is_finished and seq.params.stop:
-                # Hold back what could still turn out to be the start of a stop string.
-                text = text[: max(0, len(text) - max(len(stop) for stop in seq.params.stop) + 1)]
             outputs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=text,
+                    text=self._output_text(seq),
                     token_ids=seq.completion_token_ids,
                     logprobs=seq.logprobs,
                     finish_reason=seq.finish_reason,
@@ -374,6 +359,17 @@ class LLMEngine:
                 )
             )
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, finished)
+
+    def _output_text(self, seq: Sequence) -> str:
+        if not seq.params.detokenize:
+            return ""
+        text = self._completion_text(seq.completion_token_ids, seq.params)
+        if seq.stop_text_end is not None:
+            return text[: seq.stop_text_end]
+        if not seq.is_finished and seq.params.stop:
+            # Hold back what could still turn out to be the start of a stop string.
+            return text[: max(0, len(text) - max(len(stop) for stop in seq.params.stop) + 1)]
+        return text
 
     # Weights and memory ----------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -13,6 +14,63 @@ class Logprob:
     rank: int
 
 
+class TokenLogprobs(Sequence[dict[int, Logprob]]):
+    """A completion's per-token logprobs in flat lists, read as one ``dict[token_id, Logprob]`` per
+    token (the sampled token first, then the top-k); a token's dict is built only when read."""
+
+    __slots__ = ("num_top", "_sampled_entries", "_top_ids", "_top_logprobs")
+
+    def __init__(self, num_top: int = 0) -> None:
+        self.num_top = num_top
+        # (token id, logprob, rank) of each sampled token, one after the other: a single list to
+        # grow keeps the engine's per-token cost low.
+        self._sampled_entries: list = []
+        self._top_ids: list[int] = []  # num_top per token, most likely first
+        self._top_logprobs: list[float] = []
+
+    def append(self, token_id: int, logprob: float, top: tuple[Sequence[int], Sequence[float], int]) -> None:
+        """Add a token; ``top`` is (top-k ids, their logprobs, the sampled token's rank)."""
+        top_ids, top_logprobs, rank = top
+        self._sampled_entries.extend((token_id, logprob, rank))
+        if top_ids:
+            self._top_ids.extend(top_ids)
+            self._top_logprobs.extend(top_logprobs)
+
+    @property
+    def sampled(self) -> list[float]:
+        """The sampled tokens' logprobs."""
+        return self._sampled_entries[1::3]
+
+    def __len__(self) -> int:
+        return len(self._sampled_entries) // 3
+
+    def __getitem__(self, index):
+        positions = range(len(self))[index]
+        if isinstance(positions, range):
+            return [self._entry(position) for position in positions]
+        return self._entry(positions)
+
+    def __iter__(self) -> Iterator[dict[int, Logprob]]:
+        return map(self._entry, range(len(self)))
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (TokenLogprobs, list)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"TokenLogprobs({list(self)!r})"
+
+    def _entry(self, position: int) -> dict[int, Logprob]:
+        token_id, logprob, rank = self._sampled_entries[3 * position : 3 * position + 3]
+        entry = {token_id: Logprob(logprob, rank)}
+        start, end = position * self.num_top, (position + 1) * self.num_top
+        top = zip(self._top_ids[start:end], self._top_logprobs[start:end])
+        for top_rank, (top_id, top_logprob) in enumerate(top, start=1):
+            entry.setdefault(top_id, Logprob(top_logprob, top_rank))
+        return entry
+
+
 @dataclass
 class CompletionOutput:
     """One of the ``n`` completions of a request."""
@@ -20,7 +78,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    logprobs: list[dict[int, Logprob]] | None
+    logprobs: TokenLogprobs | None
     finish_reason: str | None
     cumulative_logprob: float | None = None
 

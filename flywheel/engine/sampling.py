@@ -26,6 +26,8 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     logprobs_mode: Literal["processed", "raw"] = "processed"
+    # False: completions' text stays empty and the tokenizer is never called (token ids are enough).
+    detokenize: bool = True
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     extra: dict = field(default_factory=dict, repr=False)
@@ -50,7 +52,7 @@ class SamplingParams:
         for name in ("top_k", "min_tokens"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "detokenize", "skip_special_tokens", "include_stop_str_in_output"):
             require(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         require(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
         require(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
@@ -72,6 +74,7 @@ class SamplingParams:
             f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
         )
         require(all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings")
+        require(self.detokenize or not self.stop, "stop strings need detokenize=True: they are matched in the text")
         require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be ids >= 0")
         require(
             self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),

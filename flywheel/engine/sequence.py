@@ -8,6 +8,7 @@ from itertools import count
 
 import torch
 
+from flywheel.engine.outputs import TokenLogprobs
 from flywheel.engine.sampling import SamplingParams
 
 _sequence_ids = count()
@@ -52,7 +53,7 @@ class Sequence:
         self.num_hashed_blocks = 0
         # Completions 1..n-1 of a request wait here until this one's prompt is prefilled, then fork.
         self.pending_forks: list[Sequence] = []
-        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        self.logprobs = TokenLogprobs(params.logprobs) if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_text_end: int | None = None

@@ -179,17 +179,18 @@ class ColocateRollout(Rollout):
 
         runs = prompt_runs(prompt_ids)
         s = self.settings
+        # The trainer decodes completions itself; the engine needs their text only to match stop strings.
+        options = {"detokenize": bool(s.generation_kwargs.get("stop")), **s.generation_kwargs}
         params = [
             SamplingParams(n=count, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-                           repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens, logprobs=0,
-                           **s.generation_kwargs)
+                           repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens, logprobs=0, **options)
             for _, count in runs
         ]
         outputs = self.llm.generate([ids for ids, _ in runs], params, use_tqdm=False)
         completions = [completion for output in outputs for completion in output.outputs]
         return RolloutOutput(
             completion_ids=[list(c.token_ids) for c in completions],
-            logprobs=[[next(iter(step.values())).logprob for step in c.logprobs] for c in completions],
+            logprobs=[c.logprobs.sampled for c in completions],
             truncated=[c.finish_reason == "length" for c in completions],
         )
 
