@@ -71,7 +71,7 @@ def test_later_steps_read_each_new_position_and_new_block():
     seq_lens = [15, 15, 16, 11, 12, 8]
     assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache)
     free_blocks = iter(sorted(set(range(64)) - {b for t in tables for b in t}))
-    for _ in range(2):
+    for _ in range(12):  # new blocks outgrow the held copies' room more than once
         seq_lens = [length + 1 for length in seq_lens]
         tables = [t + [next(free_blocks)] if length > len(t) * BLOCK else t for t, length in zip(tables, seq_lens)]
         for table, length in zip(tables, seq_lens):  # this step's new keys and values

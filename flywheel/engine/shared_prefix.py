@@ -117,8 +117,10 @@ class HeldKV:
     # Each laid out as its product with the queries or the weights reads it fastest.
     shared_keys: torch.Tensor  # [G * kv_heads, D, S * block_size]
     shared_values: torch.Tensor  # [G * kv_heads, S * block_size, D]
-    private_keys: torch.Tensor  # [B * kv_heads, P * block_size, D]
-    private_values: torch.Tensor  # [B * kv_heads, D, P * block_size]
+    # The private copies are views of the first P * block_size positions of larger stores, so that
+    # a new block widens a view instead of copying the copies (once every block_size steps).
+    key_store: torch.Tensor  # [B * kv_heads, capacity, D]
+    value_store: torch.Tensor  # [B * kv_heads, D, capacity]
     private_lens: torch.Tensor  # [B]: the private positions each row's copy holds
 
     @classmethod
@@ -128,10 +130,22 @@ class HeldKV:
             blocks=blocks,
             shared_keys=_gather_heads(k_cache, blocks.group_blocks).transpose(1, 2).contiguous(),
             shared_values=_gather_heads(v_cache, blocks.group_blocks),
-            private_keys=_gather_heads(k_cache, blocks.private_blocks),
-            private_values=_gather_heads(v_cache, blocks.private_blocks).transpose(1, 2).contiguous(),
+            key_store=_gather_heads(k_cache, blocks.private_blocks),
+            value_store=_gather_heads(v_cache, blocks.private_blocks).transpose(1, 2).contiguous(),
             private_lens=layout.private_lens,
         )
+
+    @property
+    def width(self) -> int:
+        return self.blocks.private_slots.shape[1]
+
+    @property
+    def private_keys(self) -> torch.Tensor:  # [B * kv_heads, P * block_size, D]
+        return self.key_store[:, : self.width]
+
+    @property
+    def private_values(self) -> torch.Tensor:  # [B * kv_heads, D, P * block_size]
+        return self.value_store[:, :, : self.width]
 
     def extends_to(self, layout: SharedPrefixLayout) -> bool:
         """Whether ``layout``'s rows are these rows, one position longer, in the same groups."""
@@ -151,11 +165,12 @@ class HeldKV:
     def add_newest(self, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SharedPrefixLayout) -> None:
         """Widen the copies to ``layout``'s blocks, then copy each row's newest position out of the cache."""
         blocks = layout.blocks
-        grow = blocks.private_slots.shape[1] - self.private_keys.shape[1]
-        if grow:
+        capacity = self.key_store.shape[1]
+        if blocks.private_slots.shape[1] > capacity:
+            grow = max(blocks.private_slots.shape[1], 2 * capacity) - capacity
             # Zeros, not garbage: a masked position's weight is 0, and 0 * NaN would not be.
-            self.private_keys = F.pad(self.private_keys, (0, 0, 0, grow))
-            self.private_values = F.pad(self.private_values, (0, grow))
+            self.key_store = F.pad(self.key_store, (0, 0, 0, grow))
+            self.value_store = F.pad(self.value_store, (0, grow))
         self.blocks = blocks
         self.private_lens = layout.private_lens
         newest = self.private_lens - 1
@@ -164,9 +179,9 @@ class HeldKV:
         positions = newest.repeat_interleave(kv_heads)
         new_keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots)
         new_values = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots)
-        key_rows = torch.arange(len(positions)) * self.private_keys.shape[1] + positions
-        self.private_keys.view(-1, head_dim).index_copy_(0, key_rows, new_keys.view(-1, head_dim))
-        self.private_values.scatter_(
+        key_rows = torch.arange(len(positions)) * self.key_store.shape[1] + positions
+        self.key_store.view(-1, head_dim).index_copy_(0, key_rows, new_keys.view(-1, head_dim))
+        self.value_store.scatter_(
             2, positions[:, None, None].expand(-1, head_dim, 1), new_values.view(-1, head_dim, 1)
         )
 
