@@ -75,7 +75,8 @@ def run_mode(mode: str, checkpoint: str, options: argparse.Namespace, workdir: P
         gradient_accumulation_steps=completions // options.micro_batch, num_generations=options.num_generations,
         max_prompt_length=options.prompt_length, max_completion_length=options.max_completion_length,
         max_steps=options.warmup + options.steps, logging_steps=1, learning_rate=1e-6, bf16=on_gpu,
-        use_cpu=not on_gpu, gradient_checkpointing=options.gradient_checkpointing, report_to="none",
+        use_cpu=not on_gpu, gradient_checkpointing=options.gradient_checkpointing, torch_compile=options.torch_compile,
+        report_to="none",
         save_strategy="no", disable_tqdm=True, seed=options.seed, **placement,
     )
     dataset = Dataset.from_dict({"prompt": random_prompts(options.prompts * (options.warmup + options.steps),
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="colocate engine's share")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--torch-compile", action="store_true", help="train a compiled model (both modes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="grpo_step.json")
     options = parser.parse_args(argv)
