@@ -3,7 +3,8 @@
     python -m bench.throughput --workload cpu-rollout --shape tiny --device cpu
     python -m bench.throughput --workload rollout --shape qwen2.5-0.5b --device cuda --out $OUT/rollout.json
 
-Random weights (EOS ignored, so every sequence runs its full length). Prints a table last and
+Random weights (EOS ignored, so every sequence runs its full length). Each side runs --repeats
+timed passes and reports the median; on the CPU the two sides take turns. Prints a table last and
 writes JSON.
 """
 
@@ -14,6 +15,7 @@ import gc
 import json
 import statistics
 import time
+from collections.abc import Generator, Iterator
 from dataclasses import replace
 
 import torch
@@ -28,7 +30,8 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_engine(args, folder: str, requests) -> dict:
+def engine_passes(args, folder: str, requests) -> Iterator[tuple[int, float]]:
+    """Builds and warms up the engine, then yields (tokens, seconds) per timed pass; returns its details."""
     workload = WORKLOADS[args.workload]
     options = dict(dtype=args.dtype, device=args.device, load_format="dummy", enforce_eager=args.enforce_eager,
                    max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
@@ -47,32 +50,31 @@ def run_engine(args, folder: str, requests) -> dict:
     llm.reset_prefix_cache()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-
-    def timed_pass() -> tuple[int, float]:
-        synchronize(args.device)
-        started = time.perf_counter()
-        outputs = llm.generate(prompts, params)
-        synchronize(args.device)
-        elapsed = time.perf_counter() - started
-        llm.reset_prefix_cache()  # every pass prefills its prompts, as the baseline's does
-        return sum(len(c.token_ids) for o in outputs for c in o.outputs), elapsed
-
-    result = {
-        **median_pass([timed_pass() for _ in range(args.repeats)]),
-        "startup_s": startup,
-        "preemptions": llm.engine.stats.preemptions,
-        "kv_blocks": llm.engine.num_blocks,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
-    }
-    llm.shutdown()
-    del llm
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return result
+    try:
+        for _ in range(args.repeats):
+            synchronize(args.device)
+            started = time.perf_counter()
+            outputs = llm.generate(prompts, params)
+            synchronize(args.device)
+            elapsed = time.perf_counter() - started
+            llm.reset_prefix_cache()  # every pass prefills its prompts, as the baseline's does
+            yield sum(len(c.token_ids) for o in outputs for c in o.outputs), elapsed
+        return {
+            "startup_s": startup,
+            "preemptions": llm.engine.stats.preemptions,
+            "kv_blocks": llm.engine.num_blocks,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
+        }
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
-def run_transformers(args, requests) -> dict:
+def transformers_passes(args, requests) -> Iterator[tuple[int, float]]:
+    """Builds and warms up the transformers baseline, then yields (tokens, seconds) per timed pass."""
     workload = WORKLOADS[args.workload]
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
     with torch.device(args.device):  # random init on the device: minutes on the host for a 7b shape
@@ -82,10 +84,10 @@ def run_transformers(args, requests) -> dict:
     max_new = requests[0][1]
     prompts = torch.tensor([p for p, _ in requests], device=args.device)
     per_batch = max(1, args.hf_batch // workload.n)
-    generated = 0
 
-    def one_pass(limit: int | None = None):
-        nonlocal generated
+    @torch.no_grad()
+    def one_pass(limit: int | None = None) -> int:
+        generated = 0
         for start in range(0, len(prompts), per_batch):
             chunk = prompts[start : start + per_batch]
             out = model.generate(
@@ -94,22 +96,37 @@ def run_transformers(args, requests) -> dict:
                 num_return_sequences=workload.n, pad_token_id=0,
             )
             generated += out[:, chunk.shape[1]:].numel()
+        return generated
 
-    def timed_pass() -> tuple[int, float]:
-        nonlocal generated
-        generated = 0
-        synchronize(args.device)
-        started = time.perf_counter()
-        one_pass()
-        synchronize(args.device)
-        return generated, time.perf_counter() - started
+    one_pass(limit=4)
+    try:
+        for _ in range(args.repeats):
+            synchronize(args.device)
+            started = time.perf_counter()
+            generated = one_pass()
+            synchronize(args.device)
+            yield generated, time.perf_counter() - started
+        return {}
+    finally:
+        del model
+        gc.collect()
 
-    with torch.no_grad():
-        one_pass(limit=4)
-        passes = [timed_pass() for _ in range(args.repeats)]
-    del model
-    gc.collect()
-    return median_pass(passes)
+
+def measure(sides: dict[str, Generator], interleave: bool) -> dict[str, dict]:
+    """Each side's passes, one side after the other or taking turns; per side the median pass and the
+    side's own details."""
+    passes: dict[str, list[tuple[int, float]]] = {name: [] for name in sides}
+    details: dict[str, dict] = {}
+    turns = [dict(sides)] if interleave else [{name: side} for name, side in sides.items()]
+    for active in turns:
+        while active:
+            for name, side in list(active.items()):
+                try:
+                    passes[name].append(next(side))
+                except StopIteration as done:
+                    details[name] = done.value
+                    del active[name]
+    return {name: {**median_pass(passes[name]), **details[name]} for name in sides}
 
 
 def median_pass(passes: list[tuple[int, float]]) -> dict:
@@ -163,7 +180,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache-gb", type=float, default=None)
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes of each; the median is reported")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed passes of each side (taking turns on the CPU); the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
     parser.add_argument("--out", default=None, help="write the JSON result here")
     args = parser.parse_args()
@@ -171,8 +189,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     folder = model_folder(args.shape)
     requests = WORKLOADS[args.workload].requests(model_config(args.shape).vocab_size)
-    engine = run_engine(args, folder, requests)
-    baseline = None if args.skip_hf else run_transformers(args, requests)
+    sides = {"engine": engine_passes(args, folder, requests)}
+    if not args.skip_hf:
+        sides["transformers"] = transformers_passes(args, requests)
+    # On the CPU the two sides take turns, so that a slow spell of a shared machine falls on both; a
+    # GPU holds one side at a time (the engine takes most of its memory).
+    measured = measure(sides, interleave=not args.device.startswith("cuda"))
+    engine, baseline = measured["engine"], measured.get("transformers")
     bandwidth = copy_bandwidth(args.device)
     floor = floor_tokens_per_s(args, requests, bandwidth)
     result = {
