@@ -189,7 +189,7 @@ class ColocateRollout(Rollout):
         outputs = self.llm.generate([ids for ids, _ in runs], params, use_tqdm=False)
         completions = [completion for output in outputs for completion in output.outputs]
         return RolloutOutput(
-            completion_ids=[list(c.token_ids) for c in completions],
+            completion_ids=[c.token_ids for c in completions],  # each already a list of its own
             logprobs=[c.logprobs.sampled for c in completions],
             truncated=[c.finish_reason == "length" for c in completions],
         )
