@@ -38,11 +38,6 @@ TRAIN_SCRIPT = textwrap.dedent(
         rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
         with open(f"{out_dir}/result.json", "w") as f:
             json.dump({"rewards": rewards, "checksums": checksums, "processes": trainer.accelerator.num_processes}, f)
-    trainer.rollout.close()
-    # Tear the Gloo group down together, before exit: left to the interpreter, or torn down by one
-    # process while the other still closes its weight-sync group, its threads can abort the process.
-    trainer.accelerator.wait_for_everyone()
-    torch.distributed.destroy_process_group()
     """
 )
 
