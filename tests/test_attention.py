@@ -3,7 +3,7 @@
 import torch
 
 from flywheel.engine import attention
-from flywheel.engine.shared_prefix import SharedPrefixLayout, decode_attention_shared_prefix
+from flywheel.engine.shared_prefix import SharedPrefixLayout, _held, decode_attention_shared_prefix
 
 BLOCK, KV_HEADS, HEADS, DIM = 4, 2, 6, 8
 
@@ -30,8 +30,9 @@ def shared_prefix_tables():
     return tables
 
 
-def assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache):
-    layout = SharedPrefixLayout.from_block_tables(tables, seq_lens, BLOCK)
+def assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache, length_limits=None):
+    length_limits = length_limits or [length + 64 for length in seq_lens]
+    layout = SharedPrefixLayout.from_block_tables(tables, seq_lens, length_limits, BLOCK)
     q = torch.randn(len(tables), HEADS, DIM)
     got = decode_attention_shared_prefix(q, k_cache, v_cache, layout, DIM**-0.5)
     width = max(map(len, tables))
@@ -66,23 +67,29 @@ def test_next_step_with_the_same_tables_attends_to_the_new_lengths():
 
 def test_later_steps_read_each_new_position_and_new_block():
     torch.manual_seed(3)
-    k_cache, v_cache = random_cache()
+    k_cache, v_cache = random_cache(128)
     tables = shared_prefix_tables()
     seq_lens = [15, 15, 16, 11, 12, 8]
-    assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache)
-    free_blocks = iter(sorted(set(range(64)) - {b for t in tables for b in t}))
-    for _ in range(12):  # new blocks outgrow the held copies' room more than once
+    steps = 40
+    # The copies widen as new blocks arrive: by four times their room, then up to the rows' limits.
+    limits = [length + steps for length in seq_lens]
+    assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache, limits)
+    free_blocks = iter(sorted(set(range(128)) - {b for t in tables for b in t}))
+    for _ in range(steps):
         seq_lens = [length + 1 for length in seq_lens]
         tables = [t + [next(free_blocks)] if length > len(t) * BLOCK else t for t, length in zip(tables, seq_lens)]
         for table, length in zip(tables, seq_lens):  # this step's new keys and values
             slot = table[(length - 1) // BLOCK] * BLOCK + (length - 1) % BLOCK
             k_cache.view(-1, KV_HEADS, DIM)[slot] = torch.randn(KV_HEADS, DIM)
             v_cache.view(-1, KV_HEADS, DIM)[slot] = torch.randn(KV_HEADS, DIM)
-        assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache)
+        layout = assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache, limits)
+    widest = max(limit - shared for limit, shared in zip(limits, layout.blocks.shared_lens.tolist()))
+    assert layout.widest_private == -(-widest // BLOCK) * BLOCK
+    assert _held[k_cache].key_store.shape[1] == layout.widest_private
 
 
 def test_no_layout_without_sharing():
-    assert SharedPrefixLayout.from_block_tables([[1, 2], [3, 4]], [6, 7], BLOCK) is None
+    assert SharedPrefixLayout.from_block_tables([[1, 2], [3, 4]], [6, 7], [9, 9], BLOCK) is None
 
 
 def test_prefill_with_cached_prefix_equals_plain_attention():

@@ -256,7 +256,9 @@ class ModelRunner:
         if self.backend is not attention:
             return None
         seq_lens = seq_lens.tolist()
-        return SharedPrefixLayout.from_block_tables([seq.block_table for seq in batch.seqs], seq_lens, self.block_size)
+        seqs = batch.seqs
+        return SharedPrefixLayout.from_block_tables([seq.block_table for seq in seqs], seq_lens,
+                                                    [seq.length_limit for seq in seqs], self.block_size)
 
     @staticmethod
     def _block_tables(batch: ScheduledBatch) -> torch.Tensor:

@@ -12,7 +12,7 @@ bottleneck).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -164,26 +164,26 @@ class HeldKV:
 
     def add_newest(self, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SharedPrefixLayout) -> None:
         """Widen the copies to ``layout``'s blocks, then copy each row's newest position out of the cache."""
-        blocks = layout.blocks
-        capacity = self.key_store.shape[1]
-        if blocks.private_slots.shape[1] > capacity:
-            grow = max(blocks.private_slots.shape[1], 2 * capacity) - capacity
-            # Zeros, not garbage: a masked position's weight is 0, and 0 * NaN would not be.
-            self.key_store = F.pad(self.key_store, (0, 0, 0, grow))
-            self.value_store = F.pad(self.value_store, (0, grow))
-        self.blocks = blocks
+        width = layout.blocks.private_slots.shape[1]
+        if width > self.key_store.shape[1]:
+            self._widen_stores(width, layout.widest_private)
+        self.blocks = layout.blocks
         self.private_lens = layout.private_lens
-        newest = self.private_lens - 1
-        slots = blocks.private_slots.gather(1, newest[:, None])[:, 0]
         kv_heads, head_dim = k_cache.shape[2:]
-        positions = newest.repeat_interleave(kv_heads)
-        new_keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots)
-        new_values = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots)
-        key_rows = torch.arange(len(positions)) * self.key_store.shape[1] + positions
-        self.key_store.view(-1, head_dim).index_copy_(0, key_rows, new_keys.view(-1, head_dim))
-        self.value_store.scatter_(
-            2, positions[:, None, None].expand(-1, head_dim, 1), new_values.view(-1, head_dim, 1)
-        )
+        slots, rows, positions = layout.newest_positions(kv_heads)
+        new_keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots).view(-1, head_dim)
+        new_values = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots).view(-1, head_dim)
+        self.key_store.index_put_((rows, positions), new_keys)
+        self.value_store.permute(0, 2, 1).index_put_((rows, positions), new_values)
+
+    def _widen_stores(self, width: int, widest: int) -> None:
+        # Room for several blocks at once, up to the widest the rows can grow: each widening copies
+        # the stores into newly mapped memory, whose first touch costs more than the copy.
+        capacity = self.key_store.shape[1]
+        grow = max(width, min(4 * capacity, widest)) - capacity
+        # Zeros, not garbage: a masked position's weight is 0, and 0 * NaN would not be.
+        self.key_store = F.pad(self.key_store, (0, 0, 0, grow))
+        self.value_store = F.pad(self.value_store, (0, grow))
 
 
 @dataclass
@@ -193,17 +193,30 @@ class SharedPrefixLayout:
     blocks: SharedBlocks
     private_lens: torch.Tensor  # [B]: positions each row attends to beyond its shared ones
     column_bias: torch.Tensor  # [B, (S + P) * block_size]
+    widest_private: int  # the most private positions any row can reach before it ends, in whole blocks
+    _newest: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_block_tables(
-        cls, block_tables: list[list[int]], seq_lens: list[int], block_size: int
+        cls, block_tables: list[list[int]], seq_lens: list[int], length_limits: list[int], block_size: int
     ) -> SharedPrefixLayout | None:
-        """The layout, or None when no two rows share a block."""
+        """The layout, or None when no two rows share a block. ``length_limits``: the length at which
+        each row ends."""
         blocks = _shared_blocks(block_tables, block_size)
         if blocks is None:
             return None
         private_lens = torch.tensor(seq_lens) - blocks.shared_lens
-        return cls(blocks, private_lens, blocks.column_bias(private_lens))
+        widest = max(limit - shared for limit, shared in zip(length_limits, blocks.shared_lens.tolist()))
+        return cls(blocks, private_lens, blocks.column_bias(private_lens), -(-widest // block_size) * block_size)
+
+    def newest_positions(self, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cache slot of each row's newest position ``[B]``, and, per row and head ``[B * kv_heads]``,
+        its row in the held copies and its place there; the same for every layer."""
+        if kv_heads not in self._newest:
+            newest = self.private_lens - 1
+            slots = self.blocks.private_slots.gather(1, newest[:, None])[:, 0]
+            self._newest[kv_heads] = slots, torch.arange(len(newest) * kv_heads), newest.repeat_interleave(kv_heads)
+        return self._newest[kv_heads]
 
 
 # The block tables of the last step and their grouping. Tables change once every block_size steps
