@@ -25,7 +25,7 @@ def destroy_gloo_group_at_exit(trainer: Trainer) -> None:
 
 
 def _destroy_gloo_group(trainer_ref: weakref.ref[Trainer]) -> None:
-    if not dist.is_initialized() or dist.get_backend() != "gloo":
+    if not dist.is_available() or not dist.is_initialized() or dist.get_backend() != "gloo":
         return
     # After an uncaught exception the peers may still wait in a collective; leave the group as it is.
     if getattr(sys, "last_value", None) is not None:
