@@ -120,7 +120,7 @@ class HeldKV:
     # The private copies are views of the first P * block_size positions of larger stores, so that
     # a new block widens a view instead of copying the copies (once every block_size steps).
     key_store: torch.Tensor  # [B * kv_heads, capacity, D]
-    value_store: torch.Tensor  # [B * kv_heads, D, capacity]
+    value_store: torch.Tensor  # [B * kv_heads, capacity, D]
     private_lens: torch.Tensor  # [B]: the private positions each row's copy holds
 
     @classmethod
@@ -131,7 +131,7 @@ class HeldKV:
             shared_keys=_gather_heads(k_cache, blocks.group_blocks).transpose(1, 2).contiguous(),
             shared_values=_gather_heads(v_cache, blocks.group_blocks),
             key_store=_gather_heads(k_cache, blocks.private_blocks),
-            value_store=_gather_heads(v_cache, blocks.private_blocks).transpose(1, 2).contiguous(),
+            value_store=_gather_heads(v_cache, blocks.private_blocks),
             private_lens=layout.private_lens,
         )
 
@@ -144,8 +144,8 @@ class HeldKV:
         return self.key_store[:, : self.width]
 
     @property
-    def private_values(self) -> torch.Tensor:  # [B * kv_heads, D, P * block_size]
-        return self.value_store[:, :, : self.width]
+    def private_values(self) -> torch.Tensor:  # [B * kv_heads, P * block_size, D]
+        return self.value_store[:, : self.width]
 
     def extends_to(self, layout: SharedPrefixLayout) -> bool:
         """Whether ``layout``'s rows are these rows, one position longer, in the same groups."""
@@ -174,7 +174,7 @@ class HeldKV:
         new_keys = k_cache.view(-1, kv_heads, head_dim).index_select(0, slots).view(-1, head_dim)
         new_values = v_cache.view(-1, kv_heads, head_dim).index_select(0, slots).view(-1, head_dim)
         self.key_store.index_put_((rows, positions), new_keys)
-        self.value_store.permute(0, 2, 1).index_put_((rows, positions), new_values)
+        self.value_store.index_put_((rows, positions), new_values)
 
     def _widen_stores(self, width: int, widest: int) -> None:
         # Room for several blocks at once, up to the widest the rows can grow: each widening copies
@@ -183,7 +183,7 @@ class HeldKV:
         grow = max(width, min(4 * capacity, widest)) - capacity
         # Zeros, not garbage: a masked position's weight is 0, and 0 * NaN would not be.
         self.key_store = F.pad(self.key_store, (0, 0, 0, grow))
-        self.value_store = F.pad(self.value_store, (0, grow))
+        self.value_store = F.pad(self.value_store, (0, 0, 0, grow))
 
 
 @dataclass
@@ -280,7 +280,7 @@ def decode_attention_shared_prefix(
     shared_weights, private_weights = torch.softmax(scores, dim=-1).split([shared.shape[-1], private.shape[-1]], -1)
 
     private_weights = private_weights.reshape(batch * kv_heads, -1, private.shape[-1])
-    out = torch.bmm(held.private_values, private_weights.transpose(1, 2)).transpose(1, 2)
+    out = torch.bmm(private_weights, held.private_values)
     shared_out = blocks.to_rows(torch.bmm(blocks.to_groups(shared_weights), held.shared_values), kv_heads)
     # A row outside every group has no shared weights; its place in the grid holds another row's.
     out = out.reshape(batch, heads, head_dim)
