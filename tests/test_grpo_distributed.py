@@ -9,7 +9,7 @@ from flywheel.server.launch import free_port, launch_server
 
 TRAIN_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import atexit, json, os, sys
     import torch
     from datasets import Dataset
     from flywheel import GRPOConfig, GRPOTrainer
@@ -17,6 +17,12 @@ TRAIN_SCRIPT = textwrap.dedent(
 
     model_path, out_dir, server_port, group_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(1)
+
+    @atexit.register  # registered before the trainer's exit hook, so it runs after that one
+    def record_group_state():
+        with open(f"{out_dir}/exit-{os.environ['RANK']}.json", "w") as f:
+            json.dump({"group_destroyed": not torch.distributed.is_initialized()}, f)
+
     if server_port:
         placement = dict(vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=server_port,
                          vllm_group_port=group_port)
@@ -50,6 +56,9 @@ def launch_two_processes(model_path, tmp_path, server_port=0):
                str(free_port()), str(script), model_path, str(tmp_path), str(server_port), str(free_port())]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
+    # The trainers destroy the Gloo group before the interpreter finalizes (see exit_teardown.py).
+    for rank in range(2):
+        assert json.loads((tmp_path / f"exit-{rank}.json").read_text()) == {"group_destroyed": True}
     return json.loads((tmp_path / "result.json").read_text())
 
 
