@@ -242,6 +242,22 @@ def test_draw_tokens_greedy_rows_and_logprobs(dtype, vocab):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,vocab", [(3, 1000), (512, 151936)])
+def test_draw_tokens_ranks_count_the_larger_logits(dtype, rows, vocab):
+    gen = torch.Generator().manual_seed(rows)
+    logits = torch.randn(rows, vocab, generator=gen).to(dtype).to(DEVICE)
+    temperature = torch.rand(rows, generator=gen).add(0.5).to(DEVICE)
+    temperature[0] = 0.0
+    ids, logprobs, ranks = kernels.draw_tokens(logits, temperature, step_seed=5, with_ranks=True)
+    plain_ids, plain_logprobs = kernels.draw_tokens(logits, temperature, step_seed=5)
+    assert torch.equal(ids, plain_ids) and torch.equal(logprobs, plain_logprobs)
+    expected = (logits > logits.gather(1, ids.long()[:, None])).sum(-1) + 1
+    assert torch.equal(ranks.long(), expected)
+    assert int(ranks[0]) == 1
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_draw_tokens_follows_the_tempered_softmax(temperature):
     from scipy.stats import chisquare

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 
 from flywheel.engine.sequence import Sequence
+
+
+_seq_id = attrgetter("seq_id")
 
 
 @dataclass
@@ -127,13 +131,8 @@ class Sampler:
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], batch: BatchSampling) -> torch.Tensor:
         """The draw kernel's [ids, logprobs] (and the sampled tokens' ranks when asked for), float64 on the device."""
-        drawn = self.draw_tokens(logits, batch.tensors.temperature, self._step_seed(), self._row_seeds(seqs, batch))
-        if not batch.wants_logprobs:
-            return drawn
-        # Temperature keeps the order of the tokens: the raw logits give the sampled token's rank.
-        sampled_logits = logits.gather(1, drawn[0].long()[:, None])
-        ranks = (logits > sampled_logits).sum(dim=-1) + 1
-        return torch.cat([drawn, ranks.double()[None]])
+        return self.draw_tokens(logits, batch.tensors.temperature, self._step_seed(), self._row_seeds(seqs, batch),
+                                with_ranks=batch.wants_logprobs)
 
     def _sample_processed(self, logits: torch.Tensor, seqs: list[Sequence], batch: BatchSampling, banned) -> SamplerOutput:
         logits = logits.float()
@@ -176,7 +175,7 @@ class Sampler:
         return SamplerOutput([int(t) for t in ids_and_logprobs[0]], ids_and_logprobs[1], top)
 
     def _batch_sampling(self, seqs: list[Sequence]) -> BatchSampling:
-        key = tuple(seq.seq_id for seq in seqs)
+        key = tuple(map(_seq_id, seqs))
         if self._batch is None or self._batch.key != key:
             params = [seq.params for seq in seqs]
             self._batch = BatchSampling(

@@ -86,7 +86,7 @@ def _draw_part_kernel(
 
 
 @triton.jit
-def _draw_combine_kernel(parts_ptr, n_parts, n_cols, out_ptr, n_rows, PARTS: tl.constexpr):
+def _draw_combine_kernel(parts_ptr, n_parts, n_cols, out_ptr, n_rows, PARTS: tl.constexpr, WITH_RANKS: tl.constexpr):
     row = tl.program_id(0)
     index = tl.arange(0, PARTS)
     mask = index < n_parts
@@ -102,6 +102,25 @@ def _draw_combine_kernel(parts_ptr, n_parts, n_cols, out_ptr, n_rows, PARTS: tl.
     z = tl.max(tl.where(cols == col, zs, float("-inf")), 0)
     tl.store(out_ptr + row, col.to(tl.float64))
     tl.store(out_ptr + n_rows + row, (z - log_sum).to(tl.float64))
+    if WITH_RANKS:
+        tl.store(out_ptr + 2 * n_rows + row, 1.0)  # the rank kernel adds the count of larger logits
+
+
+@triton.jit
+def _rank_part_kernel(logits_ptr, stride_row, n_cols, out_ptr, n_rows, cols_per_part, BLOCK: tl.constexpr):
+    """Adds to a row's rank the number of its logits in one part that exceed the sampled token's."""
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    sampled = tl.load(base + tl.load(out_ptr + row).to(tl.int64)).to(tl.float32)
+    begin = part * cols_per_part
+    end = tl.minimum(begin + cols_per_part, n_cols)
+    count = tl.zeros((BLOCK,), tl.int32)
+    for start in range(begin, end, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
+        count += (x > sampled).to(tl.int32)
+    tl.atomic_add(out_ptr + 2 * n_rows + row, tl.sum(count, 0).to(tl.float64))
 
 
 def _as_int64_argument(seed: int) -> int:
@@ -110,9 +129,11 @@ def _as_int64_argument(seed: int) -> int:
 
 
 def draw_tokens(logits: torch.Tensor, temperature: torch.Tensor, step_seed: int,
-                row_seeds: torch.Tensor | None = None) -> torch.Tensor:
+                row_seeds: torch.Tensor | None = None, with_ranks: bool = False) -> torch.Tensor:
     """Sampled ids and their logprobs for every row of ``logits`` [rows, vocab], as one float64
-    tensor [2, rows] (ids are exact in float64), ready for a single transfer to the host.
+    tensor [2, rows] (ids are exact in float64), ready for a single transfer to the host; with
+    ``with_ranks``, [3, rows] whose last row is each sampled token's rank (1 + the number of larger
+    logits, an order temperature does not change).
 
     ``temperature`` [rows] float32 (0 = greedy). A row's noise is keyed by ``row_seeds[row]`` where
     that is >= 0, else by ``step_seed + row``.
@@ -120,7 +141,7 @@ def draw_tokens(logits: torch.Tensor, temperature: torch.Tensor, step_seed: int,
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    out = torch.empty((2, rows), dtype=torch.float64, device=logits.device)
+    out = torch.empty((3 if with_ranks else 2, rows), dtype=torch.float64, device=logits.device)
     if rows == 0:
         return out
     seeds = row_seeds if row_seeds is not None else out  # never read without HAS_ROW_SEEDS
@@ -133,5 +154,9 @@ def draw_tokens(logits: torch.Tensor, temperature: torch.Tensor, step_seed: int,
         logits, logits.stride(0), vocab, temperature, seeds, _as_int64_argument(step_seed), parts,
         chunks_per_part * _CHUNK, HAS_ROW_SEEDS=row_seeds is not None, QUARTER=_CHUNK // 4, num_warps=4,
     )
-    _draw_combine_kernel[(rows,)](parts, n_parts, vocab, out, rows, PARTS=triton.next_power_of_2(n_parts), num_warps=1)
+    _draw_combine_kernel[(rows,)](parts, n_parts, vocab, out, rows, PARTS=triton.next_power_of_2(n_parts),
+                                  WITH_RANKS=with_ranks, num_warps=1)
+    if with_ranks:
+        _rank_part_kernel[(rows, n_parts)](logits, logits.stride(0), vocab, out, rows, chunks_per_part * _CHUNK,
+                                           BLOCK=_CHUNK, num_warps=4)
     return out
