@@ -151,3 +151,15 @@ def test_old_logprobs_get_their_own_pass_only_when_the_policy_moves_within_a_gen
     trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction, args=args,
                           train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}))
     assert trainer.needs_old_logps == policy_moves
+
+
+def test_mixed_precision_keeps_autocast_but_not_a_float32_copy_of_the_logits(tiny_checkpoints, tmp_path):
+    dataset = Dataset.from_dict({"prompt": ["Say:"] * 16})
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction, train_dataset=dataset,
+                          args=learning_args(tmp_path, max_steps=1, bf16=True, use_cpu=True))
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    assert next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert logits.dtype == torch.bfloat16  # autocast still on: a float32 model, bfloat16 products

@@ -9,9 +9,11 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
 import torch
+from accelerate.utils.operations import ConvertOutputsToFp32
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -61,6 +63,21 @@ def load_policy(model: str | PreTrainedModel, model_init_kwargs: dict[str, Any] 
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a path or a transformers PreTrainedModel, got {type(model)}")
     return model
+
+
+def keep_outputs_in_model_dtype(model: nn.Module) -> None:
+    """Undo accelerate's float32 copy of a mixed-precision model's outputs, keeping its autocast.
+
+    For the [tokens, vocab] logits that copy is gigabytes per micro-batch each way (and twice the
+    memory); the logprob passes read the logits in their own dtype and compute in float32 anyway.
+    """
+    module = getattr(model, "_orig_mod", model)  # a compiled model's own module
+    forward = module.__dict__.get("forward")
+    func = getattr(forward, "__func__", forward)
+    converter = getattr(func, "__wrapped__", func)
+    if isinstance(converter, ConvertOutputsToFp32):
+        inner = converter.model_forward
+        module.forward = MethodType(inner, module) if isinstance(forward, MethodType) else inner
 
 
 def reference_model(model_path: str | None, policy: PreTrainedModel,
@@ -116,7 +133,9 @@ class OnlineTrainer(Trainer):
 
     def prepare_frozen_model(self, model: nn.Module) -> nn.Module:
         """Put a no-grad helper model (reference, reward) on the device with the training precision."""
-        return self.accelerator.prepare_model(model, evaluation_mode=True)
+        model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        keep_outputs_in_model_dtype(self.accelerator.unwrap_model(model))
+        return model
 
     def mode(self) -> str:
         return "train" if self.model.training else "eval"
@@ -167,10 +186,11 @@ class OnlineTrainer(Trainer):
     def log_mean(self, mode: str, name: str, value: torch.Tensor) -> None:
         """Log the mean over processes of a per-process scalar (NaN where a process had none)."""
         values = self.accelerator.gather(value.detach().float().reshape(1))
-        self.metrics.add(mode, name, values.nanmean().item())
+        self.metrics.add(mode, name, values.nanmean())
 
     def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         # Time spent training = the step minus the generation/reward/sync time recorded inside it.
+        keep_outputs_in_model_dtype(self.accelerator.unwrap_model(model))  # prepared by now
         recorded_before = self.metrics.seconds("train")
         start = time.perf_counter()
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -180,6 +200,7 @@ class OnlineTrainer(Trainer):
 
     def prediction_step(self, model: nn.Module, inputs: Any, prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
+        keep_outputs_in_model_dtype(self.accelerator.unwrap_model(model))
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
