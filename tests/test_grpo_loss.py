@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flywheel.trainer.losses import grpo_loss
+from flywheel.trainer.losses import grpo_loss, masked_extremes
 from flywheel.trainer.rewards import combine_rewards, compute_rewards, group_advantages
 
 # Three completions of up to four tokens; the third has only two real tokens.
@@ -186,3 +186,11 @@ def test_loss_from_rewards_matches_hand_computation(loss_type):
         ref_logps=torch.tensor(ref, dtype=torch.float64), max_completion_length=MAX_LEN,
     )
     assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_masked_extremes_skip_padding_and_are_nan_without_tokens():
+    values = torch.tensor([[3.0, -1.0, 9.0], [0.5, 7.0, -4.0]])
+    low, high = masked_extremes(values, torch.tensor([[1, 1, 0], [1, 0, 0]]))
+    assert (low.item(), high.item()) == (-1.0, 3.0)
+    low, high = masked_extremes(values, torch.zeros(2, 3))
+    assert low.isnan() and high.isnan()

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from flywheel.trainer.batching import split_batch
 from flywheel.trainer.grpo_config import GRPOConfig
 from flywheel.trainer.logprobs import completion_logps
-from flywheel.trainer.losses import grpo_loss, masked_mean
+from flywheel.trainer.losses import grpo_loss, masked_extremes, masked_mean
 from flywheel.trainer.online_trainer import Generated, OnlineTrainer, reference_model
 from flywheel.trainer.rewards import (
     RewardFunc,
@@ -191,11 +191,11 @@ class GRPOTrainer(OnlineTrainer):
                             mask: torch.Tensor) -> torch.Tensor:
         """Truncated importance-sampling weights min(π_old / π_engine, cap), logged over the real tokens."""
         weights = torch.exp(old_logps - sampling_logps).clamp(max=self.args.vllm_importance_sampling_cap)
-        valid = weights[mask.bool()]
-        if valid.numel():
-            self.log_mean(mode, "sampling/importance_sampling_ratio/mean", valid.mean())
-            self.log_mean(mode, "sampling/importance_sampling_ratio/min", valid.min())
-            self.log_mean(mode, "sampling/importance_sampling_ratio/max", valid.max())
+        low, high = masked_extremes(weights, mask)
+        mean = torch.where(mask.any(), masked_mean(weights, mask), float("nan"))
+        self.log_mean(mode, "sampling/importance_sampling_ratio/mean", mean)
+        self.log_mean(mode, "sampling/importance_sampling_ratio/min", low)
+        self.log_mean(mode, "sampling/importance_sampling_ratio/max", high)
         return weights
 
     def _remember_completions(self, generated: Generated, rewards: torch.Tensor) -> None:
@@ -238,6 +238,5 @@ class GRPOTrainer(OnlineTrainer):
             # The generating policy's trainer logprobs vs the engine's: the gap logged to watch drift.
             gap = (old_logps - inputs["sampling_logps"]).abs()
             self.log_mean(mode, "sampling/sampling_logp_difference/mean", masked_mean(gap, mask))
-            self.log_mean(mode, "sampling/sampling_logp_difference/max",
-                          gap[mask.bool()].max() if mask.any() else torch.tensor(float("nan")))
+            self.log_mean(mode, "sampling/sampling_logp_difference/max", masked_extremes(gap, mask)[1])
         return loss

@@ -17,6 +17,15 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def masked_extremes(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of `values` where `mask` is 1 (NaN when the mask is empty), without leaving the device."""
+    kept = mask.bool()
+    empty = ~kept.any()
+    low = torch.where(kept, values, float("inf")).min().masked_fill(empty, float("nan"))
+    high = torch.where(kept, values, float("-inf")).max().masked_fill(empty, float("nan"))
+    return low, high
+
+
 def grpo_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,

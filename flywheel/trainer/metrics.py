@@ -8,6 +8,9 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+from torch.profiler import record_function
+
 PHASES = ("generation", "reward", "train", "weight_sync")
 
 
@@ -19,11 +22,13 @@ class MetricsLog:
     """
 
     def __init__(self) -> None:
-        self._values: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._values: dict[str, dict[str, list[float | torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._seconds: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
 
-    def add(self, mode: str, name: str, value: float) -> None:
-        self._values[mode][name].append(float(value))
+    def add(self, mode: str, name: str, value: float | torch.Tensor) -> None:
+        """Record a value; a one-element tensor stays on its device until the log reads it, so
+        recording never waits for the GPU."""
+        self._values[mode][name].append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
     def add_time(self, mode: str, phase: str, seconds: float) -> None:
         self._seconds[mode][phase] += seconds
@@ -36,14 +41,18 @@ class MetricsLog:
     def timed(self, mode: str, phase: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            yield
+            with record_function(f"{mode}/{phase}"):  # a named range in profiler traces
+                yield
         finally:
             self.add_time(mode, phase, time.perf_counter() - start)
 
     def summary(self, mode: str, num_steps: int) -> dict[str, float]:
         """The window's averages and per-step times; starts a new window."""
         logs = {}
+        on_device = [v for values in self._values[mode].values() for v in values if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack([v.float().reshape(()) for v in on_device]).tolist() if on_device else [])
         for name, values in self._values[mode].items():
+            values = [next(read) if isinstance(v, torch.Tensor) else v for v in values]
             finite = [v for v in values if not math.isnan(v)]
             logs[name] = sum(finite) / len(finite) if finite else float("nan")
         if self._seconds[mode]:
