@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
 
 import torch
@@ -20,15 +21,14 @@ def right_pad(sequences: list[list[float]], pad_value: float, device: torch.devi
 
 def _pad(sequences: list[list[float]], pad_value: float, device: torch.device | str, dtype: torch.dtype,
          left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(s) for s in sequences), default=0)
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    width = int(lengths.max()) if len(sequences) else 0
+    columns = torch.arange(width)
+    mask = columns >= width - lengths[:, None] if left else columns < lengths[:, None]
     values = torch.full((len(sequences), width), pad_value, dtype=dtype)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            cols = slice(width - len(seq), width) if left else slice(0, len(seq))
-            values[row, cols] = torch.tensor(seq, dtype=dtype)
-            mask[row, cols] = 1
-    return values.to(device), mask.to(device)
+    # The mask's entries in row-major order are the sequences' entries, one after another.
+    values[mask] = torch.tensor(list(chain.from_iterable(sequences)), dtype=dtype)
+    return values.to(device), mask.long().to(device)
 
 
 def split_batch(batch: dict[str, Any], num_chunks: int) -> list[dict[str, Any]]:
