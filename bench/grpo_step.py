@@ -29,6 +29,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from bench.shapes import SHAPES, write_checkpoint
+from bench.step_profile import StepProfiler
 from flywheel import GRPOConfig, GRPOTrainer
 from flywheel.server.launch import free_port, launch_server
 from flywheel.trainer.metrics import PHASES
@@ -82,20 +83,32 @@ def run_mode(mode: str, checkpoint: str, options: argparse.Namespace, workdir: P
     dataset = Dataset.from_dict({"prompt": random_prompts(options.prompts * (options.warmup + options.steps),
                                                           options.prompt_length, options.seed)})
     clock = StepClock()
+    callbacks = [clock]
+    profiler = None
+    if options.profile:
+        if options.steps < 3 or not on_gpu:
+            raise ValueError("--profile needs a GPU and --steps >= 3 (a profiler for each of the last two)")
+        last = options.warmup + options.steps - 1
+        profiler = StepProfiler(torch_step=last - 1, out_prefix=Path(options.out).with_suffix(f".{mode}"))
+        callbacks.append(profiler)
     trainer = GRPOTrainer(model=checkpoint, reward_funcs=char_fraction_reward("aeiou"), args=args,
-                          train_dataset=dataset, callbacks=[clock])
+                          train_dataset=dataset, callbacks=callbacks)
     try:
         trainer.train()
     finally:
         trainer.rollout.close()
-    logs = [entry for entry in trainer.state.log_history if "time/generation" in entry][options.warmup:]
-    result = {"mode": mode, "step_s": statistics.mean(clock.durations[options.warmup:])}
+    # The profiled steps (the last two) run slower and are left out of the figures.
+    timed = slice(options.warmup, options.warmup + options.steps - (2 if options.profile else 0))
+    logs = [entry for entry in trainer.state.log_history if "time/generation" in entry][timed]
+    result = {"mode": mode, "step_s": statistics.mean(clock.durations[timed])}
     for phase in PHASES:
         result[f"{phase}_s"] = statistics.mean(entry[f"time/{phase}"] for entry in logs)
     result["completion_tokens_per_step"] = statistics.mean(
         entry["completions/mean_length"] * completions for entry in logs)
     if "sampling/sampling_logp_difference/mean" in logs[-1]:
         result["logp_gap_mean"] = logs[-1]["sampling/sampling_logp_difference/mean"]
+    if profiler is not None:
+        print(f"\n{mode}:", *profiler.summary, sep="\n")
     del trainer
     gc.collect()
     if on_gpu:
@@ -120,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="colocate engine's share")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--torch-compile", action="store_true", help="train a compiled model (both modes)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the last two timed steps (kernels per phase, then host functions)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="grpo_step.json")
     options = parser.parse_args(argv)
