@@ -148,6 +148,19 @@ class BlockManager:
         seq.table_version += 1
         return last.block_id, copy.block_id
 
+    def append_slots(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        """``append_slot`` for each of ``seqs``; the block copies due. Most steps of a sequence write
+        into a last block it owns alone, which is checked here without a call per sequence."""
+        block_size, blocks = self.block_size, self.blocks
+        copies = []
+        for seq in seqs:
+            if (len(seq.token_ids) - 1) % block_size and blocks[seq.block_table[-1]].ref_count == 1:
+                continue
+            copy = self.append_slot(seq)
+            if copy is not None:
+                copies.append(copy)
+        return copies
+
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Give a hash to each full block of ``seq`` whose keys and values are now computed."""
         if not self.enable_prefix_caching:

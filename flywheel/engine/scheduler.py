@@ -113,8 +113,7 @@ class Scheduler:
         if len(seqs) > block_manager.num_free_blocks and \
                 sum(block_manager.blocks_needed_to_append(seq) for seq in seqs) > block_manager.num_free_blocks:
             return None
-        copies = [copy for seq in seqs if (copy := block_manager.append_slot(seq)) is not None]
-        return ScheduledBatch(seqs, is_prefill=False, block_copies=copies)
+        return ScheduledBatch(seqs, is_prefill=False, block_copies=block_manager.append_slots(seqs))
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
