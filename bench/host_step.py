@@ -1,0 +1,91 @@
+"""The host's share of a GPU decode step, measured on any machine: the rollout workload's bookkeeping
+with the model and the draw replaced by stand-ins.
+
+    python -m bench.host_step [--no-logprobs]
+
+Everything the engine does per step on the host for the overlapped GPU decode (scheduling, block
+tables, step inputs, appending tokens and logprobs, stop checks) runs for real on a tiny model's
+engine; the forward pass returns nothing and the draw returns random tokens, so no CUDA call is
+timed. The rollout workload (64 prompts × n=8, 128 → 256 tokens) runs to the end; prints the host
+time per decode step, best of 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from flywheel import LLM, SamplingParams
+from flywheel.engine import sampler as sampler_module
+from flywheel.testing import write_tiny_checkpoint
+
+
+class _Drawn:
+    """A draw that is already on the host, standing in for `PendingDraw`."""
+
+    def __init__(self, drawn: torch.Tensor, seqs) -> None:
+        self.token_ids, self.drawn, self.seqs = drawn[0].long(), drawn, seqs
+
+    def result(self):
+        return sampler_module._draw_output(self.drawn, self.seqs)
+
+
+def stub_device_work(llm: LLM) -> None:
+    engine = llm.engine
+    vocab = engine.hf_config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(logits, temperature, step_seed, row_seeds=None, with_ranks=False):
+        rows = logits.shape[0]
+        out = torch.empty((3 if with_ranks else 2, rows), dtype=torch.float64)
+        out[0] = torch.randint(0, vocab, (rows,), generator=generator).double()
+        out[1] = -torch.rand(rows, generator=generator).double()
+        if with_ranks:
+            out[2] = torch.randint(1, 100, (rows,), generator=generator).double()
+        return out
+
+    sampler = engine.sampler
+    sampler.draw_tokens = draw
+    sampler.draw_async = lambda logits, seqs: _Drawn(sampler._draw(logits, seqs, sampler._batch_sampling(seqs)), seqs)
+    engine.overlap_decode = True
+    engine.runner.backend = None  # the GPU's inputs: no CPU shared-prefix layout
+    engine.ranks.execute = lambda inputs: torch.empty(len(inputs.input_ids), 1)
+
+
+def run_workload(llm: LLM, params: SamplingParams, rng: random.Random) -> tuple[float, int]:
+    engine = llm.engine
+    for index in range(64):
+        engine.add_request(f"r{index}-{rng.random()}", [rng.randrange(256) for _ in range(128)], params)
+    steps, start = 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    engine.reset_prefix_cache()
+    return time.perf_counter() - start, steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-logprobs", action="store_true", help="sample without logprobs=0")
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="flywheel-host-step-") as tmp:
+        llm = LLM(str(write_tiny_checkpoint(Path(tmp) / "model", "qwen2", seed=0)), kv_cache_memory_gb=1.0,
+                  max_num_seqs=512, max_model_len=512)
+        stub_device_work(llm)
+        params = SamplingParams(n=8, max_tokens=256, ignore_eos=True, detokenize=False,
+                                logprobs=None if options.no_logprobs else 0)
+        rng = random.Random(0)
+        run_workload(llm, params, rng)  # warm-up
+        timings = [run_workload(llm, params, rng) for _ in range(3)]
+    seconds, steps = min(timings)
+    print(f"host per decode step: {seconds / steps * 1e3:.3f} ms (512 rows, {steps} steps, best of 3, "
+          f"logprobs={'none' if options.no_logprobs else 0})")
+
+
+if __name__ == "__main__":
+    main()
