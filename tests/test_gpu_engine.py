@@ -40,6 +40,19 @@ def test_gpu_kv_cache_sized_from_memory(tiny_checkpoints):
     assert 0.05 * total < cache_bytes < 0.2 * total
 
 
+def test_gpu_memory_share_ignores_what_was_allocated_before_the_engine(tiny_checkpoints):
+    """gpu_memory_utilization is each engine's own share: a second engine (or a trainer's model loaded
+    first) does not shrink it, and no engine takes more than is free."""
+    first = LLM(tiny_checkpoints["qwen2"], dtype="bfloat16", device="cuda", gpu_memory_utilization=0.2)
+    second = LLM(tiny_checkpoints["qwen2"], dtype="bfloat16", device="cuda", gpu_memory_utilization=0.2)
+    assert abs(second.engine.num_blocks - first.engine.num_blocks) < 0.05 * first.engine.num_blocks
+    free, _ = torch.cuda.mem_get_info()
+    third = LLM(tiny_checkpoints["qwen2"], dtype="bfloat16", device="cuda", gpu_memory_utilization=0.95)
+    assert third.engine.num_blocks * third.engine.runner.block_bytes < free
+    for llm in (first, second, third):
+        llm.sleep()  # their caches go back for the tests that follow
+
+
 def test_gpu_wake_up_recaptures_only_the_graphs_in_use(tiny_checkpoints, hf_models):
     llm = LLM(tiny_checkpoints["qwen2"], dtype="float32", device="cuda", gpu_memory_utilization=0.3, max_num_seqs=64)
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)

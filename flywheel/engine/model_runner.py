@@ -55,6 +55,12 @@ def checkpoint_dtype(hf_config) -> torch.dtype | None:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+def memory_outside_torch(device: torch.device) -> int:
+    """Bytes in use on the GPU that PyTorch's allocator does not hold: other processes', CUDA's own."""
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) - torch.cuda.memory_reserved(device)
+
+
 def load_hf_config(config: EngineConfig):
     return AutoConfig.from_pretrained(config.model, revision=config.revision)
 
@@ -70,6 +76,8 @@ class ModelRunner:
         self.backend = attention
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            self._outside_torch_at_start = memory_outside_torch(device)
+            self._allocated_at_start = torch.cuda.memory_allocated(device)
             from flywheel.engine import kernels
 
             self.backend = kernels.backend()
@@ -134,14 +142,21 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         self._profile_forward()
-        peak = torch.cuda.max_memory_allocated(self.device)
+        # gpu_memory_utilization is this engine's share of the GPU (as in vLLM): what other processes
+        # (or this one, before the engine started) hold does not count against it; what the engine
+        # allocated since it started, inside PyTorch or outside, does.
+        peak = max(0, torch.cuda.max_memory_allocated(self.device) - self._allocated_at_start)
         free, total = torch.cuda.mem_get_info(self.device)
-        outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)
-        budget = total * self.config.gpu_memory_utilization - peak - outside_torch - GRAPH_RESERVE_BYTES
+        grown_outside = max(0, memory_outside_torch(self.device) - self._outside_torch_at_start)
+        share = total * self.config.gpu_memory_utilization - peak - grown_outside - GRAPH_RESERVE_BYTES
+        available = free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        budget = min(share, available - GRAPH_RESERVE_BYTES)
         if budget < self.block_bytes:
             raise ValueError(
-                f"no GPU memory is left for the KV cache (weights and activations take {peak / 2**30:.1f} GiB of "
-                f"{total / 2**30:.1f} GiB): raise gpu_memory_utilization or lower max_num_batched_tokens"
+                f"no GPU memory is left for the KV cache: this engine's share ({self.config.gpu_memory_utilization} of "
+                f"{total / 2**30:.1f} GiB) minus its weights and activations ({peak / 2**30:.1f} GiB) leaves "
+                f"{share / 2**30:.1f} GiB, and {available / 2**30:.1f} GiB is free on the device: raise "
+                "gpu_memory_utilization, lower max_num_batched_tokens or free the GPU"
             )
         return int(budget // self.block_bytes)
 
