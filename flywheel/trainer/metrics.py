@@ -22,7 +22,8 @@ class MetricsLog:
     """
 
     def __init__(self) -> None:
-        self._values: dict[str, dict[str, list[float | torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._values: dict[str, dict[str, list[float | torch.Tensor]]] = {
+            "train": defaultdict(list), "eval": defaultdict(list)}
         self._seconds: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
 
     def add(self, mode: str, name: str, value: float | torch.Tensor) -> None:
