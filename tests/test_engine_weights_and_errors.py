@@ -142,3 +142,14 @@ def test_sleep_releases_the_cache_and_wake_up_restores_it(llm):
     llm.wake_up()
     got = llm.generate(PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_shutdown_releases_the_cache_and_refuses_further_requests(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["qwen2"], dtype="float32")
+    llm.generate(PROMPTS, GREEDY)
+    llm.shutdown()
+    assert llm.engine.runner.kv_caches == []
+    for use in (lambda: llm.generate(PROMPTS, GREEDY), llm.wake_up):
+        with pytest.raises(RuntimeError, match="shut down"):
+            use()
+    llm.shutdown()  # a second call does nothing

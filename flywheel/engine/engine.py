@@ -88,6 +88,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
         self.sleeping = False
+        self.closed = False
         # Decode steps overlap with the host's bookkeeping on one GPU (see step()).
         self.overlap_decode = self.runner.device.type == "cuda" and config.tensor_parallel_size == 1
         # The block pool is hundreds of thousands of long-lived objects; a rollout's per-token outputs
@@ -130,6 +131,7 @@ class LLMEngine:
     ) -> None:
         """Queue a request. With ``stream``, every step that extends it also returns its output so
         far (``finished=False``); otherwise only its final output is returned."""
+        self._check_open()
         if self.sleeping:
             raise RuntimeError("the engine is asleep: call wake_up() before generating")
         if request_id in self.requests:
@@ -395,13 +397,26 @@ class LLMEngine:
         self.sleeping = True
 
     def wake_up(self) -> None:
+        self._check_open()
         if self.sleeping:
             self._allocate_kv_cache()
             self.sleeping = False
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the engine was shut down: create a new LLM to generate again")
 
     def _allocate_kv_cache(self) -> None:
         self.ranks.call("allocate_kv_cache", self.num_blocks)
         self.ranks.call("capture_decode_graphs")
 
     def shutdown(self) -> None:
-        self.ranks.shutdown()
+        """Release the KV cache and stop the other ranks' processes; the engine takes no requests after this."""
+        if self.closed:
+            return
+        try:
+            self._drain()
+            self.ranks.call("free_kv_cache")
+        finally:
+            self.ranks.shutdown()
+            self.closed = True
