@@ -96,6 +96,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Wᵀ + b``; on the CPU through oneDNN, whose small-batch products of the decode step run
+    1.1–1.9× faster than ``F.linear``'s BLAS call (it reads the weight as it is, so in-place weight
+    updates are seen)."""
+    if _ONEDNN_ON_CPU and not x.is_cuda and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+_ONEDNN_ON_CPU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x Wᵀ + b`` with the output features split across ranks, as concatenated pieces."""
 
@@ -120,7 +132,7 @@ class ColumnParallelLinear(nn.Module):
         return destination, loaded.narrow(0, self.tp.rank * size, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -167,7 +179,7 @@ class RowParallelLinear(nn.Module):
         return param, loaded.narrow(-1, self.tp.rank * self.local_in, self.local_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -201,5 +213,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     """The output projection to the vocabulary, split like the embedding; logits gathered whole."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.tp.all_gather_last_dim(linear(hidden, self.weight))
         return logits[..., : self.vocab_size]
