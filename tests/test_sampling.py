@@ -13,11 +13,19 @@ VOCAB = 12
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 0.3, 0.8, 1.2, -2.0, 0.1])
 
 
-def draw(params: SamplingParams, num_draws: int, seed: int = 0) -> torch.Tensor:
-    sampler = Sampler(VOCAB, torch.device("cpu"), seed)
+def draw(params: SamplingParams, num_draws: int, seed: int = 0, logits: torch.Tensor = LOGITS) -> torch.Tensor:
+    sampler = Sampler(len(logits), torch.device("cpu"), seed)
     seqs = [Sequence(str(i), 0, [0], params, None) for i in range(num_draws)]
-    out = sampler(LOGITS.repeat(num_draws, 1), seqs, [set()] * num_draws)
+    out = sampler(logits.repeat(num_draws, 1), seqs, [set()] * num_draws)
     return torch.tensor(out.token_ids)
+
+
+def assert_counts_follow(counts: torch.Tensor, probs: torch.Tensor) -> None:
+    expected = probs * counts.sum()
+    keep = expected > 5  # chi-square needs non-tiny expected counts
+    observed, expected = counts[keep].double(), expected[keep].double()
+    expected *= observed.sum() / expected.sum()
+    assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
 
 
 def test_top_k_top_p_min_p_never_sample_outside_their_support():
@@ -36,11 +44,22 @@ def test_top_k_top_p_min_p_never_sample_outside_their_support():
 def test_temperature_distribution_matches_softmax(temperature):
     num_draws = 20000
     counts = torch.bincount(draw(SamplingParams(temperature=temperature), num_draws), minlength=VOCAB)
-    expected = (LOGITS / temperature).softmax(-1) * num_draws
-    keep = expected > 5  # chi-square needs non-tiny expected counts
-    observed, expected = counts[keep].double(), expected[keep].double()
-    expected *= observed.sum() / expected.sum()
-    assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
+    assert_counts_follow(counts, (LOGITS / temperature).softmax(-1))
+
+
+def test_large_vocabulary_draw_keeps_support_and_distribution():
+    # The CPU draw sums a large vocabulary in chunks: spread the kept tokens over chunk edges and the
+    # last, partial chunk, and leave zero-probability tokens beside them.
+    vocab = 2 * 1024 + 300
+    kept = torch.tensor([0, 1, 5, 1022, 1023, 1024, 1025, 2047, 2048, 2049, 2200, vocab - 2])
+    logits = torch.full((vocab,), -30.0)
+    logits[kept] = torch.linspace(0.0, 2.0, len(kept))
+    logits[vocab - 1] = float("-inf")
+    num_draws = 20000
+    drawn = draw(SamplingParams(top_k=len(kept)), num_draws, logits=logits)
+    assert set(drawn.tolist()) <= set(kept.tolist())
+    counts = torch.bincount(drawn, minlength=vocab)[kept]
+    assert_counts_follow(counts, logits[kept].softmax(-1))
 
 
 def test_greedy_takes_the_argmax():

@@ -3,10 +3,11 @@
 Order of processing: penalties (repetition, presence, frequency), the min_tokens ban on stop
 tokens, temperature, then top-k / top-p / min-p truncation and the draw. "Processed" logprobs are
 the log-softmax after penalties and temperature; "raw" ones the log-softmax of the model's logits.
-The draw is the exponential race (argmax of p / E with E ~ Exp(1), i.e. Gumbel-max), so a request
-with a seed draws its noise from its own stream, whatever else is in the batch. On a GPU the draw
-is one Triton pass over the logits (``kernels.sampling``), and a batch that needs none of the
-processing above beyond temperature goes through that pass alone.
+On a GPU the draw is the exponential race (argmax of p / E with E ~ Exp(1), i.e. Gumbel-max) in one
+Triton pass over the logits (``kernels.sampling``), and a batch that needs none of the processing
+above beyond temperature goes through that pass alone. On the CPU it is one uniform draw per row
+against the running sum of the probabilities. Either way a request with a seed draws its noise from
+its own stream, whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ class BatchSampling:
     has_min_tokens: bool
     has_seeds: bool
     wants_logprobs: bool
+
+
+# Tokens per chunk of the CPU draw's two-level running sum.
+_DRAW_CHUNK = 1024
+
+
+def _draw_below(running_sums: torch.Tensor, fractions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the first index whose running sum exceeds ``fractions`` (in [0, 1)) of the row's total,
+    and that target; the target stays strictly below the total so that a positive width is hit."""
+    total = running_sums[:, -1]
+    targets = torch.minimum(fractions * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(running_sums, targets[:, None], right=True)[:, 0], targets
 
 
 def needs_processing(params, vocab_size: int) -> bool:
@@ -160,8 +173,9 @@ class Sampler:
                 sampled = self.draw_tokens(kept, greedy.float().neg().add(1.0), self._step_seed(),
                                            self._row_seeds(seqs, batch))[0].long()
             else:
-                noise = self._exponential_noise(probs.shape, seqs)
-                sampled = torch.where(greedy, logits.argmax(dim=-1), (probs / noise).argmax(dim=-1))
+                sampled = self._inverse_cdf_draw(probs, seqs)
+                if bool(greedy.any()):
+                    sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)
 
         want_raw = [p.logprobs_mode == "raw" for p in params]
         logprobs = processed_logprobs
@@ -243,15 +257,37 @@ class Sampler:
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs
 
-    def _exponential_noise(self, shape: torch.Size, seqs: list[Sequence]) -> torch.Tensor:
-        # Exp(1) draws as -log(1 - U): uniform draws are several times cheaper than exponential_.
-        noise = torch.empty(shape, device=self.device).uniform_(generator=self.generator)
+    def _inverse_cdf_draw(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row from the (unnormalized) ``probs``, by one uniform draw per row against the
+        running sum: a generator call per row instead of one per token. The sum runs in float64 over
+        chunk totals, then within the chosen chunk only, so a large vocabulary costs one pass over the
+        probabilities. A zero-probability token adds no width, so it is never drawn."""
+        rows, vocab = probs.shape
+        uniforms = self._uniforms(seqs)
+        if vocab <= _DRAW_CHUNK:
+            return _draw_below(probs.double().cumsum(dim=-1), uniforms)[0]
+        whole = vocab - vocab % _DRAW_CHUNK
+        totals = probs[:, :whole].view(rows, -1, _DRAW_CHUNK).sum(dim=-1)
+        if whole < vocab:
+            totals = torch.cat([totals, probs[:, whole:].sum(dim=-1, keepdim=True)], dim=1)
+        chunk_ends = totals.double().cumsum(dim=-1)
+        picked, targets = _draw_below(chunk_ends, uniforms)
+        end = chunk_ends.gather(1, picked[:, None])[:, 0]
+        start = chunk_ends.gather(1, (picked - 1).clamp(min=0)[:, None])[:, 0].masked_fill(picked == 0, 0.0)
+        columns = picked[:, None] * _DRAW_CHUNK + torch.arange(_DRAW_CHUNK, device=probs.device)
+        chunk_probs = probs.gather(1, columns.clamp(max=vocab - 1)).masked_fill(columns >= vocab, 0.0)
+        within, _ = _draw_below(chunk_probs.double().cumsum(dim=-1), (targets - start) / (end - start))
+        return picked * _DRAW_CHUNK + within
+
+    def _uniforms(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One U[0, 1) draw per row, a seeded row's from its own generator."""
+        uniforms = torch.rand(len(seqs), dtype=torch.float64, device=self.device, generator=self.generator)
         for row, seq in enumerate(seqs):
             if seq.seed is not None:
                 if seq.generator is None:
                     seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
-                noise[row].uniform_(generator=seq.generator)
-        return noise.neg_().log1p_().neg_()
+                uniforms[row] = torch.rand((), dtype=torch.float64, device=self.device, generator=seq.generator)
+        return uniforms
 
     def _top_logprobs(self, logprobs: torch.Tensor, sampled_logprobs: torch.Tensor, params) -> list:
         wanted = [p.logprobs for p in params]
