@@ -45,8 +45,9 @@ def test_text_prompts_and_chat(tiny_checkpoints):
 
 
 def test_tensor_parallel_matches_single_rank(tiny_checkpoints):
-    single = LLM(tiny_checkpoints["qwen2"], dtype="float32")
-    sharded = LLM(tiny_checkpoints["qwen2"], dtype="float32", tensor_parallel_size=2)
+    # On the CPU (Gloo) wherever it runs: two GPUs are test_gpu_parallel's.
+    single = LLM(tiny_checkpoints["qwen2"], dtype="float32", device="cpu")
+    sharded = LLM(tiny_checkpoints["qwen2"], dtype="float32", device="cpu", tensor_parallel_size=2)
     try:
         expected = [o.outputs[0].token_ids for o in single.generate(MIXED_PROMPTS, GREEDY)]
         got = [o.outputs[0].token_ids for o in sharded.generate(MIXED_PROMPTS, GREEDY)]
