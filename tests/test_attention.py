@@ -3,7 +3,7 @@
 import torch
 
 from flywheel.engine import attention
-from flywheel.engine.shared_prefix import SharedPrefixLayout, _held, decode_attention_shared_prefix, forget_kept_layout
+from flywheel.engine.shared_prefix import SharedPrefixLayout, _held, decode_attention_shared_prefix
 
 BLOCK, KV_HEADS, HEADS, DIM = 4, 2, 6, 8
 
@@ -65,11 +65,16 @@ def test_next_step_with_the_same_tables_attends_to_the_new_lengths():
     assert second.blocks is first.blocks
 
 
-def decode_steps(tables, seq_lens, limits, steps, k_cache, v_cache):
-    """``steps`` decode steps after the first, each writing every row's next position (in a new block
-    when its last is full) and checking the attention; the last layout."""
-    free_blocks = iter(sorted(set(range(k_cache.shape[0])) - {b for t in tables for b in t}))
-    layout = assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache, limits)
+def test_later_steps_read_each_new_position_and_new_block():
+    torch.manual_seed(3)
+    k_cache, v_cache = random_cache(128)
+    tables = shared_prefix_tables()
+    seq_lens = [15, 15, 16, 11, 12, 8]
+    steps = 40
+    # The copies widen as new blocks arrive: by four times their room, then up to the rows' limits.
+    limits = [length + steps for length in seq_lens]
+    assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache, limits)
+    free_blocks = iter(sorted(set(range(128)) - {b for t in tables for b in t}))
     for _ in range(steps):
         seq_lens = [length + 1 for length in seq_lens]
         tables = [t + [next(free_blocks)] if length > len(t) * BLOCK else t for t, length in zip(tables, seq_lens)]
@@ -78,35 +83,8 @@ def decode_steps(tables, seq_lens, limits, steps, k_cache, v_cache):
             k_cache.view(-1, KV_HEADS, DIM)[slot] = torch.randn(KV_HEADS, DIM)
             v_cache.view(-1, KV_HEADS, DIM)[slot] = torch.randn(KV_HEADS, DIM)
         layout = assert_shared_prefix_decode_equals_plain_attention(tables, seq_lens, k_cache, v_cache, limits)
-    return layout
-
-
-def test_later_steps_read_each_new_position_and_new_block():
-    torch.manual_seed(3)
-    k_cache, v_cache = random_cache(128)
-    seq_lens = [15, 15, 16, 11, 12, 8]
-    steps = 40
-    # The copies widen as new blocks arrive: by four times their room, then up to the rows' limits.
-    limits = [length + steps for length in seq_lens]
-    layout = decode_steps(shared_prefix_tables(), seq_lens, limits, steps, k_cache, v_cache)
     widest = max(limit - shared for limit, shared in zip(limits, layout.blocks.shared_lens.tolist()))
     assert layout.widest_private == -(-widest // BLOCK) * BLOCK
-    assert _held[k_cache].key_store.shape[1] == layout.widest_private
-
-
-def test_copies_after_a_prefill_reuse_the_dropped_stores():
-    torch.manual_seed(4)
-    k_cache, v_cache = random_cache(128)
-    seq_lens = [15, 15, 16, 11, 12, 8]
-    decode_steps(shared_prefix_tables(), seq_lens, [length + 40 for length in seq_lens], 40, k_cache, v_cache)
-    dropped = _held[k_cache].key_store
-    forget_kept_layout()
-    # A prefill wrote other keys and values; fewer rows follow, which reach less far. Their copies
-    # start in the dropped store, which holds the earlier rows' values where new blocks will show.
-    k_cache.normal_(), v_cache.normal_()
-    seq_lens = [13, 14, 14]
-    layout = decode_steps(shared_prefix_tables()[:3], seq_lens, [length + 12 for length in seq_lens], 12, k_cache, v_cache)
-    assert _held[k_cache].key_store.data_ptr() == dropped.data_ptr()
     assert _held[k_cache].key_store.shape[1] == layout.widest_private
 
 

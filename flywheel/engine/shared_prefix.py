@@ -124,22 +124,14 @@ class HeldKV:
     private_lens: torch.Tensor  # [B]: the private positions each row's copy holds
 
     @classmethod
-    def gather(
-        cls, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SharedPrefixLayout,
-        spare: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> HeldKV:
-        """The copies for ``layout``, in the ``spare`` stores of dropped copies where they have room
-        for the rows' widest reach (then they never widen)."""
+    def gather(cls, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SharedPrefixLayout) -> HeldKV:
         blocks = layout.blocks
-        stores = _gather_heads(k_cache, blocks.private_blocks), _gather_heads(v_cache, blocks.private_blocks)
-        if spare is not None:
-            stores = tuple(_in_spare(gathered, layout.widest_private, memory) for gathered, memory in zip(stores, spare))
         return cls(
             blocks=blocks,
             shared_keys=_gather_heads(k_cache, blocks.group_blocks).transpose(1, 2).contiguous(),
             shared_values=_gather_heads(v_cache, blocks.group_blocks),
-            key_store=stores[0],
-            value_store=stores[1],
+            key_store=_gather_heads(k_cache, blocks.private_blocks),
+            value_store=_gather_heads(v_cache, blocks.private_blocks),
             private_lens=layout.private_lens,
         )
 
@@ -232,19 +224,14 @@ class SharedPrefixLayout:
 _previous: tuple[tuple, SharedBlocks | None] = ((), None)
 
 
-# Per layer, keyed by its key cache: the copies the last decode step read, and the stores of copies
-# a prefill dropped. Reusing those stores saves the first touch of new memory, which costs more here
-# than the copies themselves, in every rollout after the first.
+# Per layer, keyed by its key cache: the copies the last decode step read.
 _held: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_spare: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def forget_kept_layout() -> None:
     """Called on prefill, which writes cache positions that the kept copies do not follow."""
     global _previous
     _previous = ((), None)
-    for k_cache, held in _held.items():
-        _spare[k_cache] = held.key_store, held.value_store
     _held.clear()
 
 
@@ -252,25 +239,9 @@ def _held_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, layout: SharedPrefixL
     held = _held.get(k_cache)
     if held is not None and held.extends_to(layout):
         held.add_newest(k_cache, v_cache, layout)
-        return held
-    spare = _spare.pop(k_cache, None)
-    if spare is None and held is not None:
-        spare = held.key_store, held.value_store
-    held = _held[k_cache] = HeldKV.gather(k_cache, v_cache, layout, spare)
+    else:
+        held = _held[k_cache] = HeldKV.gather(k_cache, v_cache, layout)
     return held
-
-
-def _in_spare(gathered: torch.Tensor, capacity: int, memory: torch.Tensor) -> torch.Tensor:
-    """``gathered`` ``[R, W, D]`` at the start of a store for ``capacity`` positions laid in ``memory``,
-    when it has room; else ``gathered`` itself. The store's other positions keep what ``memory`` held:
-    values copied from the cache or zeros, finite, so masked positions still weigh exactly 0."""
-    rows, width, head_dim = gathered.shape
-    size = rows * max(capacity, width) * head_dim
-    if memory.numel() < size:
-        return gathered
-    store = memory.view(-1)[:size].view(rows, -1, head_dim)
-    store[:, :width].copy_(gathered)
-    return store
 
 
 def _shared_blocks(block_tables: list[list[int]], block_size: int) -> SharedBlocks | None:
