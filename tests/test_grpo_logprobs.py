@@ -64,3 +64,39 @@ def test_completion_logps_score_padded_rows_as_unpadded_ones(hf_models):
     unpadded = (model(torch.tensor([prompt[1:] + completion[:1]])).logits[0, 1] / 0.8).log_softmax(-1)
     torch.testing.assert_close(logps[1, 0], unpadded[completion[0]], atol=1e-5, rtol=0)
     assert logps.shape == entropy.shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama"])
+def test_a_group_shares_one_prompt_forward_with_the_same_logps_and_gradient(hf_models, name):
+    model = hf_models[name]
+    generator = torch.Generator().manual_seed(1)
+    # Two groups: three rows with a left-padded prompt, then two with a full-width one; completions of
+    # several lengths, right-padded.
+    prompt_ids = torch.tensor([[0, 0, 7, 3, 9]] * 3 + [[4, 8, 15, 16, 23]] * 2)
+    prompt_mask = (prompt_ids != 0).long()
+    completion_mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] * 6, [1] * 2 + [0] * 4])
+    completion_ids = torch.randint(1, 60, (5, 6), generator=generator) * completion_mask
+    weights = torch.randn(5, 6, generator=generator) * completion_mask
+
+    def logps_and_gradient(rows: list[slice]):
+        model.zero_grad()
+        outputs = [completion_logps(model, prompt_ids[r], prompt_mask[r], completion_ids[r], completion_mask[r],
+                                    temperature=0.9, with_entropy=True) for r in rows]
+        logps = torch.cat([logps for logps, _ in outputs])
+        (logps * weights).sum().backward()
+        gradient = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return logps.detach(), torch.cat([entropy for _, entropy in outputs]), gradient
+
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        shared = logps_and_gradient([slice(0, 5)])
+        assert len(forwards) == 2  # the two distinct prompts in one forward, then every row's continuation
+        alone = logps_and_gradient([slice(row, row + 1) for row in range(5)])
+    finally:
+        hook.remove()
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(shared[0] * completion_mask, alone[0] * completion_mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[1] * completion_mask, alone[1] * completion_mask, atol=1e-5, rtol=0)
+    for parameter, gradient in shared[2].items():
+        torch.testing.assert_close(gradient, alone[2][parameter], atol=1e-5, rtol=1e-4)

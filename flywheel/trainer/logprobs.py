@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 # Logit rows taken to float32 at once: bounds the float32 temporaries (a few of ~128 MiB each).
 CHUNK_ELEMENTS = 2**25
@@ -106,24 +107,65 @@ def completion_logps(
 
     Prompts are left-padded ([B, P], mask 0 on padding), completions right-padded ([B, C]).
     Position ids count only real tokens, so a padded row scores exactly as the unpadded sequence
-    does in the engine. `batch_size` splits the forward into chunks (for no-grad passes).
+    does in the engine. `batch_size` splits the forward into chunks (for no-grad passes). On the CPU,
+    rows that repeat the prompt of the row before them (a group's completions) share one forward of it.
     """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    # The positions that predict completion tokens: the LM head runs over these only, and its
-    # logits come out contiguous.
-    prompt_width = prompt_ids.size(1)
-    predicting = torch.arange(prompt_width - 1, input_ids.size(1) - 1, device=input_ids.device)
-    step = batch_size or input_ids.size(0)
+    step = batch_size or prompt_ids.size(0)
     all_logps, all_entropies = [], []
-    for start in range(0, input_ids.size(0), step):
+    for start in range(0, prompt_ids.size(0), step):
         rows = slice(start, start + step)
-        logits = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
-                       position_ids=position_ids[rows], use_cache=False, logits_to_keep=predicting).logits
-        logps, entropy = token_logps_and_entropy(logits, completion_ids[rows], temperature=temperature,
-                                                 with_entropy=with_entropy)
-        all_logps.append(logps)
-        all_entropies.append(entropy)
+        logits = _completion_logits(model, prompt_ids[rows], attention_mask[rows], position_ids[rows],
+                                    completion_ids[rows])
+        parts = [token_logps_and_entropy(part, ids, temperature=temperature, with_entropy=with_entropy)
+                 for part, ids in logits]
+        all_logps.append(torch.cat([logps for logps, _ in parts], dim=1))
+        all_entropies.append(torch.cat([entropy for _, entropy in parts], dim=1) if with_entropy else None)
     logps = torch.cat(all_logps)
     return logps, (torch.cat(all_entropies) if with_entropy else None)
+
+
+def _completion_logits(model: nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor, completion_ids: torch.Tensor
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The logits that predict the completion tokens, as (logits [B, n, V], token ids [B, n]) column spans."""
+    prompt_width = prompt_ids.size(1)
+    # On a GPU, transformers' attention over a cache takes a materialized mask (no causal kernel) and the
+    # extra forward doubles the kernel launches: sharing measured slower there, so it is for the CPU,
+    # where the forward's time follows its token count.
+    groups = None if prompt_ids.is_cuda else _prompt_groups(prompt_ids, attention_mask[:, :prompt_width])
+    if groups is None or completion_ids.size(1) < 2 or _checkpoints_activations(model):
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        # The LM head runs over the positions that predict completion tokens only; its logits come out contiguous.
+        predicting = torch.arange(prompt_width - 1, input_ids.size(1) - 1, device=input_ids.device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, logits_to_keep=predicting).logits
+        return [(logits, completion_ids)]
+    first_rows, prompt_of_row = groups
+    # Each distinct prompt runs once; its keys and values (with their gradient path) are then indexed
+    # out to every row that continues it. The last completion token predicts nothing that is scored.
+    prompts = model(input_ids=prompt_ids[first_rows], attention_mask=attention_mask[first_rows, :prompt_width],
+                    position_ids=position_ids[first_rows, :prompt_width], past_key_values=DynamicCache(),
+                    use_cache=True, logits_to_keep=1)
+    cache = prompts.past_key_values
+    cache.batch_select_indices(prompt_of_row)
+    continuations = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                          position_ids=position_ids[:, prompt_width:-1], past_key_values=cache, use_cache=True).logits
+    first_logits = prompts.logits.index_select(0, prompt_of_row)
+    return [(first_logits, completion_ids[:, :1]), (continuations, completion_ids[:, 1:])]
+
+
+def _prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(The first row of each run of rows with one prompt, each row's run), or None when no row repeats."""
+    repeats = (prompt_ids[1:] == prompt_ids[:-1]).all(-1) & (prompt_mask[1:] == prompt_mask[:-1]).all(-1)
+    starts = torch.cat([repeats.new_ones(1), ~repeats])
+    first_rows = starts.nonzero().squeeze(1)
+    if len(first_rows) == len(prompt_ids):
+        return None
+    return first_rows, starts.long().cumsum(0) - 1
+
+
+def _checkpoints_activations(model: nn.Module) -> bool:
+    """Whether a training forward recomputes layers in backward (and so cannot hand a cache on)."""
+    return model.training and any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
