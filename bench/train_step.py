@@ -5,7 +5,10 @@
 One micro-batch of `--micro-batch` sequences (prompt + completion tokens, random ids) through the
 policy as `GRPOTrainer.compute_loss` runs it (bf16 weights, `completion_logps` with entropy), timed
 on the GPU: the forward alone to the last hidden state, the forward with the completion logprobs, and
-forward + backward; the optimizer step (AdamW) apart. Prints a table last and writes JSON.
+forward + backward; the optimizer step (AdamW) apart. Each micro-batch runs twice: with every prompt
+distinct, and in groups of `--num-generations` rows with one prompt, as a GRPO micro-batch holds them,
+each distinct prompt run once (`completion_logps(share_prompts=True)`). `--compile` times a
+`torch.compile`d model. Prints a table last and writes JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--completion-length", type=int, default=256)
     parser.add_argument("--completions", type=int, default=512, help="completions per optimizer step")
+    parser.add_argument("--num-generations", type=int, default=8, help="rows per prompt in the grouped runs")
+    parser.add_argument("--compile", action="store_true", help="time a torch.compile'd model")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -46,9 +51,11 @@ def main() -> None:
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    policy = torch.compile(model) if args.compile else model
     results = []
-    for rows in args.micro_batch:
-        prompt = torch.randint(0, config.vocab_size, (rows, args.prompt_length), device="cuda")
+    for rows, group in [(rows, group) for rows in args.micro_batch for group in (1, args.num_generations)]:
+        prompt = torch.randint(0, config.vocab_size, (rows // group, args.prompt_length), device="cuda")
+        prompt = prompt.repeat_interleave(group, dim=0)
         completion = torch.randint(0, config.vocab_size, (rows, args.completion_length), device="cuda")
         masks = torch.ones_like(prompt), torch.ones_like(completion)
 
@@ -58,28 +65,32 @@ def main() -> None:
 
         def forward_logps() -> None:
             with torch.no_grad():
-                completion_logps(model, prompt, masks[0], completion, masks[1], with_entropy=True)
+                completion_logps(policy, prompt, masks[0], completion, masks[1], with_entropy=True,
+                                 share_prompts=group > 1)
 
         def forward_backward() -> None:
-            logps, _ = completion_logps(model, prompt, masks[0], completion, masks[1], with_entropy=True)
+            logps, _ = completion_logps(policy, prompt, masks[0], completion, masks[1], with_entropy=True,
+                                        share_prompts=group > 1)
             logps.mean().backward()
 
-        result = {"micro_batch": rows, "forward_ms": mean_ms(forward_only, args.repeats),
+        result = {"micro_batch": rows, "rows_per_prompt": group, "forward_ms": mean_ms(forward_only, args.repeats),
                   "forward_logps_ms": mean_ms(forward_logps, args.repeats),
                   "forward_backward_ms": mean_ms(forward_backward, args.repeats)}
         result["train_s_per_step"] = result["forward_backward_ms"] * args.completions / rows / 1000
         results.append(result)
     optimizer_ms = mean_ms(optimizer.step, args.repeats)
-    report = {"model_shape": args.model_shape, "gpu": torch.cuda.get_device_name(0), "prompt_length": args.prompt_length,
+    report = {"model_shape": args.model_shape, "gpu": torch.cuda.get_device_name(0), "compiled": args.compile,
+              "prompt_length": args.prompt_length,
               "completion_length": args.completion_length, "optimizer_step_ms": optimizer_ms, "results": results}
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(report, handle, indent=2)
     print(f"\n{args.model_shape}, {args.prompt_length} + {args.completion_length} tokens per sequence; "
-          f"AdamW step {optimizer_ms:.1f} ms")
-    print(f"{'micro-batch':>11} {'forward ms':>11} {'+ logprobs':>11} {'+ backward':>11} {'s per step':>11}")
+          f"AdamW step {optimizer_ms:.1f} ms{', compiled' if args.compile else ''}")
+    print(f"{'micro-batch':>11} {'per prompt':>11} {'forward ms':>11} {'+ logprobs':>11} {'+ backward':>11} "
+          f"{'s per step':>11}")
     for r in results:
-        print(f"{r['micro_batch']:>11} {r['forward_ms']:>11.1f} {r['forward_logps_ms']:>11.1f} "
+        print(f"{r['micro_batch']:>11} {r['rows_per_prompt']:>11} {r['forward_ms']:>11.1f} {r['forward_logps_ms']:>11.1f} "
               f"{r['forward_backward_ms']:>11.1f} {r['train_s_per_step']:>11.2f}")
 
 

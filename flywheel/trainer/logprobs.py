@@ -102,14 +102,20 @@ def completion_logps(
     temperature: float = 1.0,
     with_entropy: bool = False,
     batch_size: int | None = None,
+    share_prompts: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities [B, C] of the completion tokens given their prompts, at `temperature`.
 
     Prompts are left-padded ([B, P], mask 0 on padding), completions right-padded ([B, C]).
     Position ids count only real tokens, so a padded row scores exactly as the unpadded sequence
-    does in the engine. `batch_size` splits the forward into chunks (for no-grad passes). On the CPU,
-    rows that repeat the prompt of the row before them (a group's completions) share one forward of it.
+    does in the engine. `batch_size` splits the forward into chunks (for no-grad passes). With
+    `share_prompts`, rows whose prompt is the previous row's (a group's completions) share one forward
+    of it; by default they do on the CPU only.
     """
+    if share_prompts is None:
+        # On a GPU, transformers' attention over a cache takes a materialized mask (no causal kernel) and
+        # the extra forward doubles the kernel launches: sharing measured slower there (bench.train_step).
+        share_prompts = not prompt_ids.is_cuda
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     step = batch_size or prompt_ids.size(0)
@@ -117,7 +123,7 @@ def completion_logps(
     for start in range(0, prompt_ids.size(0), step):
         rows = slice(start, start + step)
         logits = _completion_logits(model, prompt_ids[rows], attention_mask[rows], position_ids[rows],
-                                    completion_ids[rows])
+                                    completion_ids[rows], share_prompts)
         parts = [token_logps_and_entropy(part, ids, temperature=temperature, with_entropy=with_entropy)
                  for part, ids in logits]
         all_logps.append(torch.cat([logps for logps, _ in parts], dim=1))
@@ -127,14 +133,11 @@ def completion_logps(
 
 
 def _completion_logits(model: nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: torch.Tensor, completion_ids: torch.Tensor
+                       position_ids: torch.Tensor, completion_ids: torch.Tensor, share_prompts: bool
                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The logits that predict the completion tokens, as (logits [B, n, V], token ids [B, n]) column spans."""
     prompt_width = prompt_ids.size(1)
-    # On a GPU, transformers' attention over a cache takes a materialized mask (no causal kernel) and the
-    # extra forward doubles the kernel launches: sharing measured slower there, so it is for the CPU,
-    # where the forward's time follows its token count.
-    groups = None if prompt_ids.is_cuda else _prompt_groups(prompt_ids, attention_mask[:, :prompt_width])
+    groups = _prompt_groups(prompt_ids, attention_mask[:, :prompt_width]) if share_prompts else None
     if groups is None or completion_ids.size(1) < 2 or _checkpoints_activations(model):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         # The LM head runs over the positions that predict completion tokens only; its logits come out contiguous.
