@@ -1,11 +1,12 @@
 """GRPO under `accelerate launch --num_processes 2` (DDP over Gloo on the CPU), with a server or colocated engines."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
-from flywheel.server.launch import free_port, launch_server
+from flywheel.server.launch import CPU_ONLY_ENV, free_port, launch_server
 
 TRAIN_SCRIPT = textwrap.dedent(
     """
@@ -54,7 +55,7 @@ def launch_two_processes(model_path, tmp_path, server_port=0):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port",
                str(free_port()), str(script), model_path, str(tmp_path), str(server_port), str(free_port())]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **CPU_ONLY_ENV})
     assert run.returncode == 0, run.stderr[-4000:]
     # The trainers destroy the Gloo group before the interpreter finalizes (see exit_teardown.py).
     for rank in range(2):
@@ -72,7 +73,7 @@ def check_learned_with_identical_replicas(result):
 
 def test_two_processes_learn_with_a_server(tiny_checkpoints, tmp_path):
     with launch_server(tiny_checkpoints["qwen2"], log_path=tmp_path / "server.log", kv_cache_memory_gb=0.05,
-                       log_level="warning") as server:
+                       env=CPU_ONLY_ENV, log_level="warning") as server:
         result = launch_two_processes(tiny_checkpoints["qwen2"], tmp_path, server.port)
     check_learned_with_identical_replicas(result)
 

@@ -15,7 +15,7 @@ COLOCATE = dict(use_vllm=True, vllm_mode="colocate", vllm_kv_cache_memory_gb=0.0
 def colocate_args(tmp_path, **overrides):
     settings = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_generations=8,
-        max_completion_length=10, learning_rate=1e-2, max_steps=12, logging_steps=1, report_to="none",
+        max_completion_length=10, learning_rate=1e-2, max_steps=12, logging_steps=1, report_to="none", use_cpu=True,
         save_strategy="no", disable_tqdm=True, seed=0, **COLOCATE,
     )
     settings.update(overrides)

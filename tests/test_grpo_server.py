@@ -4,7 +4,7 @@ import pytest
 from datasets import Dataset
 
 from flywheel import GRPOConfig, GRPOTrainer
-from flywheel.server.launch import free_port, launch_server
+from flywheel.server.launch import CPU_ONLY_ENV, free_port, launch_server
 from flywheel.trainer.rewards import char_fraction_reward
 
 lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lowercase_fraction")
@@ -14,7 +14,7 @@ lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lo
 def server(tiny_checkpoints, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     with launch_server(tiny_checkpoints["qwen2"], log_path=log_path, kv_cache_memory_gb=0.05,
-                       log_level="warning") as proc:
+                       env=CPU_ONLY_ENV, log_level="warning") as proc:
         yield proc.port
 
 
@@ -23,7 +23,7 @@ def test_reward_rises_and_server_gets_the_trained_weights(tiny_checkpoints, serv
 
     args = GRPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_generations=8,
-        max_completion_length=10, learning_rate=1e-2, max_steps=12, logging_steps=1, report_to="none",
+        max_completion_length=10, learning_rate=1e-2, max_steps=12, logging_steps=1, report_to="none", use_cpu=True,
         save_strategy="no", disable_tqdm=True, seed=0, use_vllm=True, vllm_mode="server",
         vllm_server_host="127.0.0.1", vllm_server_port=server, vllm_group_port=free_port(),
     )

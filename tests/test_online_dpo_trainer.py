@@ -4,7 +4,7 @@ import pytest
 from datasets import Dataset
 
 from flywheel import OnlineDPOConfig, OnlineDPOTrainer
-from flywheel.server.launch import free_port, launch_server
+from flywheel.server.launch import CPU_ONLY_ENV, free_port, launch_server
 from flywheel.trainer.judges import PairwiseJudge
 from flywheel.trainer.rewards import char_fraction_reward
 
@@ -14,7 +14,7 @@ lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lo
 def dpo_args(tmp_path, **overrides):
     settings = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, max_new_tokens=10, beta=0.1,
-        learning_rate=5e-3, max_steps=15, logging_steps=1, report_to="none", save_strategy="no",
+        learning_rate=5e-3, max_steps=15, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
         disable_tqdm=True, seed=0,
     )
     settings.update(overrides)
@@ -49,7 +49,7 @@ def test_scores_rise_with_a_colocated_engine(tiny_checkpoints, tmp_path):
 
 def test_scores_rise_with_a_server(tiny_checkpoints, tmp_path):
     with launch_server(tiny_checkpoints["qwen2"], log_path=tmp_path / "server.log", kv_cache_memory_gb=0.05,
-                       log_level="warning") as server:
+                       env=CPU_ONLY_ENV, log_level="warning") as server:
         args = dpo_args(tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_url=server.base_url,
                         vllm_group_port=free_port())
         train_and_check_scores_rise(tiny_checkpoints["qwen2"], args)

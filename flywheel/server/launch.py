@@ -73,6 +73,10 @@ class ServerProcess:
         return self.process.returncode
 
 
+# `env=` for a server that must stay on the CPU on a machine with GPUs.
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": ""}
+
+
 @contextmanager
 def launch_server(model: str, timeout_s: float = 180.0, **kwargs: Any) -> Iterator[ServerProcess]:
     """`with launch_server(path, tensor_parallel_size=2) as server: GenerationClient(base_url=server.base_url)`."""
