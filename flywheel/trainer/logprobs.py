@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 # Logit rows taken to float32 at once: bounds the float32 temporaries (a few of ~128 MiB each).
 CHUNK_ELEMENTS = 2**25
@@ -149,8 +148,7 @@ def _completion_logits(model: nn.Module, prompt_ids: torch.Tensor, attention_mas
     # Each distinct prompt runs once; its keys and values (with their gradient path) are then indexed
     # out to every row that continues it. The last completion token predicts nothing that is scored.
     prompts = model(input_ids=prompt_ids[first_rows], attention_mask=attention_mask[first_rows, :prompt_width],
-                    position_ids=position_ids[first_rows, :prompt_width], past_key_values=DynamicCache(),
-                    use_cache=True, logits_to_keep=1)
+                    position_ids=position_ids[first_rows, :prompt_width], use_cache=True, logits_to_keep=1)
     cache = prompts.past_key_values
     cache.batch_select_indices(prompt_of_row)
     continuations = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask[:, :-1],
