@@ -1,5 +1,7 @@
 """Per-token logprobs and entropies (chunked float32 with a recomputing backward) against plain log_softmax."""
 
+import copy
+
 import pytest
 import torch
 
@@ -100,3 +102,19 @@ def test_a_group_shares_one_prompt_forward_with_the_same_logps_and_gradient(hf_m
     torch.testing.assert_close(shared[1] * completion_mask, alone[1] * completion_mask, atol=1e-5, rtol=0)
     for parameter, gradient in shared[2].items():
         torch.testing.assert_close(gradient, alone[2][parameter], atol=1e-5, rtol=1e-4)
+
+
+def test_a_checkpointed_model_in_training_runs_the_plain_forward(hf_models):
+    model = copy.deepcopy(hf_models["qwen2"]).train()
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    prompt_ids = torch.tensor([[7, 3, 9]] * 4)
+    completion_ids = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]])
+    ones = torch.ones_like(prompt_ids), torch.ones_like(completion_ids)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    logps, _ = completion_logps(model, prompt_ids, ones[0], completion_ids, ones[1])
+    logps.sum().backward()  # the layers are recomputed here, which a prompt cache would not survive
+    assert len(forwards) == 1
+    with torch.no_grad():
+        shared, _ = completion_logps(model.eval(), prompt_ids, ones[0], completion_ids, ones[1])
+    torch.testing.assert_close(logps.detach(), shared, atol=1e-5, rtol=0)
