@@ -125,10 +125,15 @@ def completion_logps(
                                     completion_ids[rows], share_prompts)
         parts = [token_logps_and_entropy(part, ids, temperature=temperature, with_entropy=with_entropy)
                  for part, ids in logits]
-        all_logps.append(torch.cat([logps for logps, _ in parts], dim=1))
-        all_entropies.append(torch.cat([entropy for _, entropy in parts], dim=1) if with_entropy else None)
+        all_logps.append(_side_by_side([logps for logps, _ in parts]))
+        all_entropies.append(_side_by_side([entropy for _, entropy in parts]) if with_entropy else None)
     logps = torch.cat(all_logps)
     return logps, (torch.cat(all_entropies) if with_entropy else None)
+
+
+def _side_by_side(spans: list[torch.Tensor]) -> torch.Tensor:
+    """Column spans [B, n_i] as one [B, Σ n_i] tensor; a single span as it is."""
+    return spans[0] if len(spans) == 1 else torch.cat(spans, dim=1)
 
 
 def _completion_logits(model: nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
