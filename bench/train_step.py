@@ -7,8 +7,8 @@ policy as `GRPOTrainer.compute_loss` runs it (bf16 weights, `completion_logps` w
 on the GPU: the forward alone to the last hidden state, the forward with the completion logprobs, and
 forward + backward; the optimizer step (AdamW) apart. Each micro-batch runs twice: with every prompt
 distinct, and in groups of `--num-generations` rows with one prompt, as a GRPO micro-batch holds them,
-each distinct prompt run once (`completion_logps(share_prompts=True)`). `--compile` times a
-`torch.compile`d model. Prints a table last and writes JSON.
+packed behind one copy of it (`prompt_packing`, as the trainers run on a GPU; `--no-pack` runs the
+groups as distinct rows). `--compile` times a `torch.compile`d model. Prints a table last and writes JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from bench.shapes import SHAPES, model_config
 from flywheel.trainer.logprobs import completion_logps
+from flywheel.trainer.prompt_packing import enable_packed_prompts
 
 
 def mean_ms(step: Callable[[], None], repeats: int) -> float:
@@ -44,12 +45,15 @@ def main() -> None:
     parser.add_argument("--completions", type=int, default=512, help="completions per optimizer step")
     parser.add_argument("--num-generations", type=int, default=8, help="rows per prompt in the grouped runs")
     parser.add_argument("--compile", action="store_true", help="time a torch.compile'd model")
+    parser.add_argument("--no-pack", action="store_true", help="groups run as distinct rows")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     config = model_config(args.model_shape)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).train()
+    if not args.no_pack:
+        enable_packed_prompts(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     policy = torch.compile(model) if args.compile else model
     results = []
@@ -65,12 +69,10 @@ def main() -> None:
 
         def forward_logps() -> None:
             with torch.no_grad():
-                completion_logps(policy, prompt, masks[0], completion, masks[1], with_entropy=True,
-                                 share_prompts=group > 1)
+                completion_logps(policy, prompt, masks[0], completion, masks[1], with_entropy=True)
 
         def forward_backward() -> None:
-            logps, _ = completion_logps(policy, prompt, masks[0], completion, masks[1], with_entropy=True,
-                                        share_prompts=group > 1)
+            logps, _ = completion_logps(policy, prompt, masks[0], completion, masks[1], with_entropy=True)
             logps.mean().backward()
 
         result = {"micro_batch": rows, "rows_per_prompt": group, "forward_ms": mean_ms(forward_only, args.repeats),
@@ -80,13 +82,15 @@ def main() -> None:
         results.append(result)
     optimizer_ms = mean_ms(optimizer.step, args.repeats)
     report = {"model_shape": args.model_shape, "gpu": torch.cuda.get_device_name(0), "compiled": args.compile,
+              "packed": not args.no_pack,
               "prompt_length": args.prompt_length,
               "completion_length": args.completion_length, "optimizer_step_ms": optimizer_ms, "results": results}
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(report, handle, indent=2)
     print(f"\n{args.model_shape}, {args.prompt_length} + {args.completion_length} tokens per sequence; "
-          f"AdamW step {optimizer_ms:.1f} ms{', compiled' if args.compile else ''}")
+          f"AdamW step {optimizer_ms:.1f} ms{', compiled' if args.compile else ''}"
+          f"{', groups as distinct rows' if args.no_pack else ', groups packed'}")
     print(f"{'micro-batch':>11} {'per prompt':>11} {'forward ms':>11} {'+ logprobs':>11} {'+ backward':>11} "
           f"{'s per step':>11}")
     for r in results:

@@ -4,6 +4,7 @@ import pytest
 from datasets import Dataset
 
 from flywheel import GRPOConfig, GRPOTrainer
+from flywheel.trainer.prompt_packing import PACKED_ATTENTION
 from flywheel.trainer.rewards import char_fraction_reward
 
 lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lowercase_fraction")
@@ -23,6 +24,7 @@ def test_reward_rises_on_gpu_in_bf16(tiny_checkpoints, tmp_path, placement):
         trainer.train()
     finally:
         trainer.rollout.close()
+    assert trainer.model.config._attn_implementation == PACKED_ATTENTION  # each group trained in one packed row
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.25, [round(r, 3) for r in rewards]
     logged = trainer.state.log_history[-2]

@@ -7,6 +7,7 @@ import torch
 
 from flywheel.trainer import logprobs
 from flywheel.trainer.logprobs import completion_logps, token_logps_and_entropy
+from flywheel.trainer.prompt_packing import enable_packed_prompts, packs_prompts
 
 VOCAB = 50
 
@@ -68,40 +69,79 @@ def test_completion_logps_score_padded_rows_as_unpadded_ones(hf_models):
     assert logps.shape == entropy.shape == (2, 3)
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama"])
-def test_a_group_shares_one_prompt_forward_with_the_same_logps_and_gradient(hf_models, name):
-    model = hf_models[name]
+def grouped_batch():
+    """Two groups (three rows with a left-padded prompt, then two with a full-width one) and a row alone;
+    completions of several lengths, right-padded, one of them a single token."""
     generator = torch.Generator().manual_seed(1)
-    # Two groups: three rows with a left-padded prompt, then two with a full-width one; completions of
-    # several lengths, right-padded.
-    prompt_ids = torch.tensor([[0, 0, 7, 3, 9]] * 3 + [[4, 8, 15, 16, 23]] * 2)
-    prompt_mask = (prompt_ids != 0).long()
-    completion_mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] * 6, [1] * 2 + [0] * 4])
-    completion_ids = torch.randint(1, 60, (5, 6), generator=generator) * completion_mask
-    weights = torch.randn(5, 6, generator=generator) * completion_mask
+    prompt_ids = torch.tensor([[0, 0, 7, 3, 9]] * 3 + [[4, 8, 15, 16, 23]] * 2 + [[0, 5, 6, 2, 1]])
+    completion_mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0], [1] * 6, [1] * 2 + [0] * 4,
+                                    [1] + [0] * 5])
+    completion_ids = torch.randint(1, 60, (6, 6), generator=generator) * completion_mask
+    weights = torch.randn(6, 6, generator=generator) * completion_mask
+    return prompt_ids, (prompt_ids != 0).long(), completion_ids, completion_mask, weights
 
-    def logps_and_gradient(rows: list[slice]):
-        model.zero_grad()
+
+def logps_and_gradient(model, batch, rows: list[slice], *, gradient: bool = True):
+    """logps and entropies of the batch's rows taken `rows` at a time, and every parameter's gradient."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask, weights = [t.to(model.device) for t in batch]
+    model.zero_grad()
+    with torch.set_grad_enabled(gradient):
         outputs = [completion_logps(model, prompt_ids[r], prompt_mask[r], completion_ids[r], completion_mask[r],
                                     temperature=0.9, with_entropy=True) for r in rows]
-        logps = torch.cat([logps for logps, _ in outputs])
+    logps = torch.cat([logps for logps, _ in outputs]) * completion_mask
+    if gradient:
         (logps * weights).sum().backward()
-        gradient = {n: p.grad.clone() for n, p in model.named_parameters()}
-        return logps.detach(), torch.cat([entropy for _, entropy in outputs]), gradient
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()} if gradient else {}
+    model.zero_grad(set_to_none=True)
+    return logps.detach(), torch.cat([entropy for _, entropy in outputs]) * completion_mask, grads
 
+
+def count_forwards(model) -> list[int]:
     forwards = []
-    hook = model.register_forward_hook(lambda *_: forwards.append(1))
-    try:
-        shared = logps_and_gradient([slice(0, 5)])
-        assert len(forwards) == 2  # the two distinct prompts in one forward, then every row's continuation
-        alone = logps_and_gradient([slice(row, row + 1) for row in range(5)])
-    finally:
-        hook.remove()
-        model.zero_grad(set_to_none=True)
-    torch.testing.assert_close(shared[0] * completion_mask, alone[0] * completion_mask, atol=1e-5, rtol=0)
-    torch.testing.assert_close(shared[1] * completion_mask, alone[1] * completion_mask, atol=1e-5, rtol=0)
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    return forwards
+
+
+def assert_same_scores(shared, alone) -> None:
+    torch.testing.assert_close(shared[0], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[1], alone[1], atol=1e-5, rtol=0)
     for parameter, gradient in shared[2].items():
         torch.testing.assert_close(gradient, alone[2][parameter], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama"])
+def test_a_group_shares_one_prompt_forward_with_the_same_logps_and_gradient(hf_models, name):
+    model = copy.deepcopy(hf_models[name])
+    forwards = count_forwards(model)
+    shared = logps_and_gradient(model, grouped_batch(), [slice(0, 6)])
+    assert len(forwards) == 2  # the three distinct prompts in one forward, then every row's continuation
+    assert_same_scores(shared, logps_and_gradient(model, grouped_batch(), [slice(row, row + 1) for row in range(6)]))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama"])
+def test_packed_groups_score_as_their_rows_alone(hf_models, name):
+    # On the CPU FlexAttention has no backward: this checks the packing's scores, the GPU test its gradient.
+    model = copy.deepcopy(hf_models[name])
+    alone = logps_and_gradient(model, grouped_batch(), [slice(row, row + 1) for row in range(6)], gradient=False)
+    assert enable_packed_prompts(model) and packs_prompts(torch.nn.Sequential(model))
+    forwards = count_forwards(model)
+    packed = logps_and_gradient(model, grouped_batch(), [slice(0, 6)], gradient=False)
+    assert len(forwards) == 1
+    assert_same_scores(packed, alone)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama"])
+def test_packed_groups_train_as_their_rows_alone_on_gpu(hf_models, name):
+    model = copy.deepcopy(hf_models[name]).cuda()
+    alone = logps_and_gradient(model, grouped_batch(), [slice(row, row + 1) for row in range(6)])
+    assert enable_packed_prompts(model)
+    model.train()
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    forwards = count_forwards(model)
+    packed = logps_and_gradient(model, grouped_batch(), [slice(0, 6)])
+    assert len(forwards) == 1  # one forward, its layers recomputed in the backward
+    assert_same_scores(packed, alone)
 
 
 def test_a_checkpointed_model_in_training_runs_the_plain_forward(hf_models):

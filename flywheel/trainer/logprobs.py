@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from flywheel.trainer.prompt_packing import packed_completion_logits, packs_prompts
 
 # Logit rows taken to float32 at once: bounds the float32 temporaries (a few of ~128 MiB each).
 CHUNK_ELEMENTS = 2**25
@@ -109,26 +114,43 @@ def completion_logps(
     Position ids count only real tokens, so a padded row scores exactly as the unpadded sequence
     does in the engine. `batch_size` splits the forward into chunks (for no-grad passes). With
     `share_prompts`, rows whose prompt is the previous row's (a group's completions) share one forward
-    of it; by default they do on the CPU only.
+    of it: packed behind it in one sequence when the model takes packed forwards (`prompt_packing`),
+    otherwise through a cache of its keys and values. By default they share on the CPU, and on a GPU
+    when the model packs.
     """
     if share_prompts is None:
-        # On a GPU, transformers' attention over a cache takes a materialized mask (no causal kernel) and
-        # the extra forward doubles the kernel launches: sharing measured slower there (bench.train_step).
-        share_prompts = not prompt_ids.is_cuda
+        # On a GPU, sharing needs the packed attention: over a cache, transformers' attention takes a
+        # materialized mask and the extra forward doubles the kernel launches (bench.train_step).
+        share_prompts = not prompt_ids.is_cuda or packs_prompts(model)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    score = functools.partial(token_logps_and_entropy, temperature=temperature, with_entropy=with_entropy)
     step = batch_size or prompt_ids.size(0)
     all_logps, all_entropies = [], []
     for start in range(0, prompt_ids.size(0), step):
         rows = slice(start, start + step)
-        logits = _completion_logits(model, prompt_ids[rows], attention_mask[rows], position_ids[rows],
-                                    completion_ids[rows], share_prompts)
-        parts = [token_logps_and_entropy(part, ids, temperature=temperature, with_entropy=with_entropy)
-                 for part, ids in logits]
-        all_logps.append(_side_by_side([logps for logps, _ in parts]))
-        all_entropies.append(_side_by_side([entropy for _, entropy in parts]) if with_entropy else None)
+        logps, entropy = _chunk_logps(model, prompt_ids[rows], attention_mask[rows], position_ids[rows],
+                                      completion_ids[rows], share_prompts, score)
+        all_logps.append(logps)
+        all_entropies.append(entropy)
     logps = torch.cat(all_logps)
     return logps, (torch.cat(all_entropies) if with_entropy else None)
+
+
+def _chunk_logps(model: nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, completion_ids: torch.Tensor, share_prompts: bool,
+                 score: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    groups = _prompt_groups(prompt_ids, attention_mask[:, :prompt_ids.size(1)]) if share_prompts else None
+    if groups is not None and completion_ids.size(1) >= 2 and packs_prompts(model):
+        packed = packed_completion_logits(model, prompt_ids, attention_mask, position_ids, completion_ids, *groups)
+        first, later = score(packed.first_logits, packed.first_targets), score(packed.logits, packed.targets)
+        entropy = packed.unpack(first[1], later[1]) if first[1] is not None else None
+        return packed.unpack(first[0], later[0]), entropy
+    parts = [score(logits, ids) for logits, ids in _completion_logits(model, prompt_ids, attention_mask, position_ids,
+                                                                     completion_ids, groups)]
+    entropy = _side_by_side([entropy for _, entropy in parts]) if parts[0][1] is not None else None
+    return _side_by_side([logps for logps, _ in parts]), entropy
 
 
 def _side_by_side(spans: list[torch.Tensor]) -> torch.Tensor:
@@ -137,11 +159,11 @@ def _side_by_side(spans: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _completion_logits(model: nn.Module, prompt_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: torch.Tensor, completion_ids: torch.Tensor, share_prompts: bool
-                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The logits that predict the completion tokens, as (logits [B, n, V], token ids [B, n]) column spans."""
+                       position_ids: torch.Tensor, completion_ids: torch.Tensor,
+                       groups: tuple[torch.Tensor, torch.Tensor] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The logits that predict the completion tokens, as (logits [B, n, V], token ids [B, n]) column spans;
+    with `groups`, each distinct prompt runs once and hands its keys and values on as a cache."""
     prompt_width = prompt_ids.size(1)
-    groups = _prompt_groups(prompt_ids, attention_mask[:, :prompt_width]) if share_prompts else None
     if groups is None or completion_ids.size(1) < 2 or _checkpoints_activations(model):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         # The LM head runs over the positions that predict completion tokens only; its logits come out contiguous.

@@ -27,6 +27,7 @@ from transformers import (
 from flywheel.trainer.batching import left_pad, right_pad
 from flywheel.trainer.exit_teardown import destroy_gloo_group_at_exit
 from flywheel.trainer.metrics import MetricsLog
+from flywheel.trainer.prompt_packing import enable_packed_prompts
 from flywheel.trainer.prompts import decode_completions, tokenize_prompts
 from flywheel.trainer.rollout import make_rollout
 from flywheel.trainer.rollout_config import RolloutTrainingArguments
@@ -115,6 +116,7 @@ class OnlineTrainer(Trainer):
                          optimizers=optimizers)
         # The losses are per-micro-batch means: the Trainer divides them by the accumulation steps.
         self.model_accepts_loss_kwargs = False
+        self.pack_prompts_on_gpu(self.model)
         self.metrics = MetricsLog()
         self._metrics_logged_step = 0
         self.eos_token_ids = self._eos_token_ids()
@@ -136,6 +138,11 @@ class OnlineTrainer(Trainer):
         model = self.accelerator.prepare_model(model, evaluation_mode=True)
         keep_outputs_in_model_dtype(self.accelerator.unwrap_model(model))
         return model
+
+    def pack_prompts_on_gpu(self, model: PreTrainedModel) -> None:
+        """On a GPU, let a model score a batch's groups in packed forwards (`prompt_packing`)."""
+        if self.args.pack_prompts and self.args.device.type == "cuda":
+            enable_packed_prompts(model)
 
     def mode(self) -> str:
         return "train" if self.model.training else "eval"

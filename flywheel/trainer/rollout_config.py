@@ -41,6 +41,14 @@ class RolloutTrainingArguments(TrainingArguments):
             "(e.g. {'dtype': 'bfloat16'}); dtype defaults to 'auto'."
         },
     )
+    pack_prompts: bool = field(
+        default=True,
+        metadata={
+            "help": "On a GPU, run each prompt once for all its completions in the training forward: they are "
+            "packed behind it under a FlexAttention block mask, which gives an sdpa model the 'flywheel_packed' "
+            "attention (sdpa for its other forwards). The CPU shares a prompt's forward through a cache either way."
+        },
+    )
 
     # Sampling.
     max_prompt_length: int | None = field(
