@@ -32,6 +32,11 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
+@functools.cache
+def _compiled_create_block_mask():
+    return torch.compile(create_block_mask)
+
+
 def _packed_or_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | BlockMask | None, scaling: float | None = None,
                               dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
@@ -101,31 +106,35 @@ def packed_completion_logits(model: nn.Module, prompt_ids: torch.Tensor, attenti
     inputs_per_row = attention_mask[:, prompt_width + 1:].sum(1)
     before_row = inputs_per_row.cumsum(0) - inputs_per_row
     row_start = prompt_width + before_row - before_row[first_rows].index_select(0, prompt_of_row)
-    tokens_per_group = torch.zeros(groups, dtype=inputs_per_row.dtype, device=device)
-    tokens_per_group.index_add_(0, prompt_of_row, inputs_per_row)
-    length = prompt_width + int(tokens_per_group.max())
+    per_group = torch.zeros(groups, dtype=inputs_per_row.dtype, device=device).index_add_(0, prompt_of_row,
+                                                                                          inputs_per_row)
+    length = prompt_width + int(per_group.max())
     steps = torch.arange(completion_ids.size(1) - 1, device=device)
     is_input = steps < inputs_per_row[:, None]
     packed_at = prompt_of_row[:, None] * length + row_start[:, None] + steps
+    slots = groups * length + 1  # the last slot takes every non-input
 
-    def packed(prompt_part: torch.Tensor, row_part: torch.Tensor, fill: int) -> torch.Tensor:
-        out = row_part.new_full((groups * length + 1,), fill)  # the last slot takes every non-input
+    def packed(prompt_part: torch.Tensor, row_part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         out[:-1].view(groups, length)[:, :prompt_width] = prompt_part
-        out.scatter_(0, torch.where(is_input, packed_at, groups * length).reshape(-1), row_part.reshape(-1))
+        out.scatter_(0, torch.where(is_input, packed_at, slots - 1).reshape(-1), row_part.reshape(-1))
         return out[:-1].view(groups, length)
 
-    input_ids = packed(prompt_ids[first_rows], completion_ids[:, :-1], 0)
-    positions = packed(position_ids[first_rows, :prompt_width], position_ids[:, prompt_width:-1], 0)
-    # 0 for a real prompt token, r + 1 for row r's tokens, -1 for padding
-    owner = packed(attention_mask[first_rows, :prompt_width].long() - 1,
-                   torch.arange(1, rows + 1, device=device)[:, None].expand(-1, steps.numel()), -1)
+    input_ids = packed(prompt_ids[first_rows], completion_ids[:, :-1], completion_ids.new_zeros(slots))
+    positions = packed(position_ids[first_rows, :prompt_width], position_ids[:, prompt_width:-1],
+                       position_ids.new_zeros(slots))
+    # A token sees the keys from its segment's start up to itself, and the prompt's real tokens. The
+    # prompt is its own segment; a padding token's segment starts at itself.
+    prompt_start = prompt_width - attention_mask[first_rows, :prompt_width].sum(1)
+    segment_start = packed(torch.arange(prompt_width, device=device).minimum(prompt_start[:, None]),
+                           row_start[:, None].expand(-1, steps.numel()),
+                           torch.arange(slots, device=device) % length)
 
     def sees(batch, head, query, key):
-        key_owner = owner[batch, key]
-        visible = (key_owner == 0) | ((key_owner > 0) & (key_owner == owner[batch, query]))
-        return (query == key) | ((key <= query) & visible)  # a padding token sees itself: no empty row
+        real_prompt = (key < prompt_width) & (key >= prompt_start[batch])
+        return (key <= query) & ((key >= segment_start[batch, query]) | real_prompt)
 
-    block_mask = create_block_mask(sees, groups, None, length, length, device=device, _compile=input_ids.is_cuda)
+    make_block_mask = _compiled_create_block_mask() if input_ids.is_cuda else create_block_mask
+    block_mask = make_block_mask(sees, groups, None, length, length, device=device)
     kept = torch.arange(prompt_width - 1, length, device=device)
     logits = model(input_ids=input_ids, attention_mask=block_mask, position_ids=positions, use_cache=False,
                    logits_to_keep=kept).logits
