@@ -50,6 +50,7 @@ class StepClock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.durations.append(time.perf_counter() - self._start)
+        print(f"step {state.global_step}: {self.durations[-1]:.2f} s", flush=True)
 
 
 def random_prompts(count: int, length: int, seed: int) -> list[str]:
@@ -118,6 +119,29 @@ def run_mode(mode: str, checkpoint: str, options: argparse.Namespace, workdir: P
     return result
 
 
+def report(options: argparse.Namespace, results: list[dict]) -> None:
+    """Write the JSON report and print the table of the modes run so far."""
+    on_gpu = options.device.startswith("cuda")
+    baseline = next((r["step_s"] for r in results if r["mode"] == "none"), None)
+    for result in results:
+        result["speedup_vs_none"] = baseline / result["step_s"] if baseline else None
+    summary = {"model_shape": options.model_shape, "device": options.device,
+              "gpu": torch.cuda.get_device_name(0) if on_gpu else None, "prompts": options.prompts,
+              "num_generations": options.num_generations, "prompt_length": options.prompt_length,
+              "max_completion_length": options.max_completion_length, "micro_batch": options.micro_batch,
+              "pack_prompts": not options.no_pack_prompts, "steps": options.steps, "results": results}
+    Path(options.out).write_text(json.dumps(summary, indent=2))
+
+    header = f"{'mode':<9} {'step s':>8} {'gen s':>8} {'reward s':>9} {'train s':>8} {'sync s':>8} {'vs none':>8}"
+    print(f"\nGRPO step: {options.model_shape} on {options.device}, {options.prompts} prompts × "
+          f"{options.num_generations}, {options.prompt_length} → {options.max_completion_length} tokens")
+    print(header)
+    for r in results:
+        speedup = f"{r['speedup_vs_none']:.2f}x" if r["speedup_vs_none"] else "-"
+        print(f"{r['mode']:<9} {r['step_s']:>8.2f} {r['generation_s']:>8.2f} {r['reward_s']:>9.3f} "
+              f"{r['train_s']:>8.2f} {r['weight_sync_s']:>8.3f} {speedup:>8}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
@@ -160,25 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(run_mode(mode, checkpoint, options, workdir, server.port))
             else:
                 results.append(run_mode(mode, checkpoint, options, workdir, None))
-
-    baseline = next((r["step_s"] for r in results if r["mode"] == "none"), None)
-    for result in results:
-        result["speedup_vs_none"] = baseline / result["step_s"] if baseline else None
-    report = {"model_shape": options.model_shape, "device": options.device,
-              "gpu": torch.cuda.get_device_name(0) if on_gpu else None, "prompts": options.prompts,
-              "num_generations": options.num_generations, "prompt_length": options.prompt_length,
-              "max_completion_length": options.max_completion_length, "micro_batch": options.micro_batch,
-              "pack_prompts": not options.no_pack_prompts, "steps": options.steps, "results": results}
-    Path(options.out).write_text(json.dumps(report, indent=2))
-
-    header = f"{'mode':<9} {'step s':>8} {'gen s':>8} {'reward s':>9} {'train s':>8} {'sync s':>8} {'vs none':>8}"
-    print(f"\nGRPO step: {options.model_shape} on {options.device}, {options.prompts} prompts × "
-          f"{options.num_generations}, {options.prompt_length} → {options.max_completion_length} tokens")
-    print(header)
-    for r in results:
-        speedup = f"{r['speedup_vs_none']:.2f}x" if r["speedup_vs_none"] else "-"
-        print(f"{r['mode']:<9} {r['step_s']:>8.2f} {r['generation_s']:>8.2f} {r['reward_s']:>9.3f} "
-              f"{r['train_s']:>8.2f} {r['weight_sync_s']:>8.3f} {speedup:>8}")
+            # After every mode, so that a run cut short still reports the modes it finished.
+            report(options, results)
     return 0
 
 
