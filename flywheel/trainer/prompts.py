@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,20 +25,38 @@ def prompt_text(prompt: str | list[dict[str, str]], tokenizer: PreTrainedTokeniz
 
 def tokenize_prompts(prompts: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
                      max_prompt_length: int | None) -> list[list[int]]:
-    """Token ids of each prompt, keeping the last `max_prompt_length` tokens of long ones."""
-    texts = [prompt_text(prompt, tokenizer) for prompt in prompts]
+    """Token ids of each prompt, keeping the last `max_prompt_length` tokens of long ones.
+
+    A prompt repeated in consecutive entries (a group's completions) is rendered and tokenized once,
+    and those entries share its list of ids.
+    """
+    starts = [index for index, prompt in enumerate(prompts) if index == 0 or prompt != prompts[index - 1]]
+    texts = [prompt_text(prompts[index], tokenizer) for index in starts]
     # The chat template already carries any BOS token; plain prompts are taken as written (as TRL does).
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     if max_prompt_length is not None:
         ids = [row[-max_prompt_length:] for row in ids]
-    return ids
+    ends = starts[1:] + [len(prompts)]
+    return [row for row, start, end in zip(ids, starts, ends) for _ in range(end - start)]
 
 
 def decode_completions(prompts: Sequence[Any], completion_ids: Sequence[Sequence[int]],
                        tokenizer: PreTrainedTokenizerBase) -> list[Any]:
     """Completion texts; for conversational prompts, an assistant message list as TRL's reward functions get."""
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    if _decodes_as_its_backend(type(tokenizer)) and not tokenizer.clean_up_tokenization_spaces:
+        # One call into the Rust tokenizer for the whole batch: transformers decodes row by row in Python.
+        texts = tokenizer.backend_tokenizer.decode_batch(completion_ids, skip_special_tokens=True)
+    else:
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return [
         [{"role": "assistant", "content": text}] if is_conversational(prompt) else text
         for prompt, text in zip(prompts, texts, strict=True)
     ]
+
+
+@functools.cache
+def _decodes_as_its_backend(tokenizer_class: type) -> bool:
+    """Whether a tokenizer class decodes exactly as its `tokenizers` backend does (no decoding of its own)."""
+    fast_base = next((cls for cls in tokenizer_class.__mro__ if "backend_tokenizer" in vars(cls)), None)
+    return fast_base is not None and all(
+        getattr(tokenizer_class, name) is getattr(fast_base, name) for name in ("decode", "batch_decode", "_decode"))
