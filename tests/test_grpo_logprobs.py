@@ -130,6 +130,40 @@ def test_packed_groups_score_as_their_rows_alone(hf_models, name):
     assert_same_scores(packed, alone)
 
 
+
+def random_grouped_batch(generator: torch.Generator):
+    """1-4 groups of 1-4 rows; prompts of 1-11 real tokens, left-padded; completions of 0-19 tokens."""
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    width, completion_width = draw(1, 11), draw(2, 19)
+    prompt_rows = []
+    for _ in range(draw(1, 4)):
+        mask = (torch.arange(width) >= width - draw(1, width)).long()
+        prompt_rows += [torch.randint(1, VOCAB, (width,), generator=generator) * mask] * draw(1, 4)
+    prompt_ids = torch.stack(prompt_rows)
+    lengths = torch.randint(0, completion_width + 1, (len(prompt_ids),), generator=generator)
+    completion_mask = (torch.arange(completion_width) < lengths[:, None]).long()
+    completion_ids = torch.randint(1, VOCAB, completion_mask.shape, generator=generator) * completion_mask
+    return prompt_ids, (prompt_ids != 0).long(), completion_ids, completion_mask
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama"])
+def test_random_packed_batches_score_as_their_rows(hf_models, name):
+    plain = hf_models[name]
+    packed_model = copy.deepcopy(plain)
+    enable_packed_prompts(packed_model)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        prompt_ids, prompt_mask, completion_ids, completion_mask = random_grouped_batch(generator)
+        with torch.no_grad():
+            packed = completion_logps(packed_model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                      with_entropy=True, share_prompts=True)
+            rows = completion_logps(plain, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                    with_entropy=True, share_prompts=False)
+        for got, expected in zip(packed, rows):
+            torch.testing.assert_close(got * completion_mask, expected * completion_mask, atol=1e-5, rtol=0)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama"])
 def test_packed_groups_train_as_their_rows_alone_on_gpu(hf_models, name):

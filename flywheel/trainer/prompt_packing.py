@@ -45,8 +45,10 @@ def _packed_or_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch
                                       **kwargs)
     if dropout:
         raise ValueError("a packed forward has no attention dropout; set the model's attention_dropout to 0")
-    # Inside a compiled model the graph compiles it; on its own it needs compiling to be fused at all.
-    flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
+    # Inside a compiled model the graph compiles it; on its own it needs compiling to be fused at all. The
+    # CPU runs the unfused reference: its compiled kernel fails to build once shapes turn dynamic (torch 2.13).
+    compile_here = query.is_cuda and not torch.compiler.is_compiling()
+    flex = _compiled_flex_attention() if compile_here else flex_attention
     output = flex(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.size(1) != key.size(1))
     return output.transpose(1, 2).contiguous(), None
 
