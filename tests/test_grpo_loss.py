@@ -18,16 +18,25 @@ IS_WEIGHTS = [[1.0, 0.9, 1.2, 2.0], [0.5, 1.0, 1.1, 1.0], [1.3, 0.8, 1.0, 1.0]]
 EPS_LOW, EPS_HIGH, BETA, MAX_LEN = 0.2, 0.28, 0.04, 6
 
 
+def hand_ratio(i: int, t: int, level: str, logps=LOGPS, old=OLD_LOGPS, mask=MASK) -> float:
+    """π / π_old of token t of completion i; at the sequence level, the exp of the row's mean log-ratio."""
+    if level == "token":
+        return math.exp(logps[i][t] - old[i][t])
+    log_ratios = [a - b for a, b, m in zip(logps[i], old[i], mask[i]) if m]
+    return math.exp(sum(log_ratios) / len(log_ratios))
+
+
 def hand_token_losses(beta: float, with_is: bool, advantages=ADVANTAGES, logps=LOGPS, old=OLD_LOGPS, ref=REF_LOGPS,
-                      weights=IS_WEIGHTS) -> list[list[float]]:
+                      weights=IS_WEIGHTS, level: str = "token", delta: float | None = None) -> list[list[float]]:
     """Per-token loss, one token at a time, straight from the GRPO objective."""
     losses = []
     for i in range(len(logps)):
         row = []
         for t in range(len(logps[i])):
-            ratio = math.exp(logps[i][t] - old[i][t])
+            ratio = hand_ratio(i, t, level, logps, old)
             clipped = min(max(ratio, 1 - EPS_LOW), 1 + EPS_HIGH)
-            loss = -min(ratio * advantages[i], clipped * advantages[i])
+            capped = ratio if delta is None else min(ratio, delta)
+            loss = -min(capped * advantages[i], clipped * advantages[i])
             if with_is:
                 loss *= weights[i][t]
             if beta:
@@ -56,12 +65,13 @@ def hand_loss(loss_type: str, beta: float = 0.0, with_is: bool = False, num_item
     raise AssertionError(loss_type)
 
 
-def run_loss(loss_type: str, beta: float = 0.0, with_is: bool = False, num_items: float | None = None):
+def run_loss(loss_type: str, beta: float = 0.0, with_is: bool = False, num_items: float | None = None,
+             level: str = "token", delta: float | None = None):
     logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
     loss, stats = grpo_loss(
         logps, torch.tensor(OLD_LOGPS, dtype=torch.float64), torch.tensor(ADVANTAGES, dtype=torch.float64),
-        torch.tensor(MASK), loss_type=loss_type, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, beta=beta,
-        ref_logps=torch.tensor(REF_LOGPS, dtype=torch.float64),
+        torch.tensor(MASK), loss_type=loss_type, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
+        importance_sampling_level=level, delta=delta, beta=beta, ref_logps=torch.tensor(REF_LOGPS, dtype=torch.float64),
         importance_weights=torch.tensor(IS_WEIGHTS, dtype=torch.float64) if with_is else None,
         max_completion_length=MAX_LEN, num_items_in_batch=num_items,
     )
@@ -122,6 +132,43 @@ def test_on_policy_grpo_gradient_is_the_advantage_weighted_score():
 def test_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="loss_type"):
         run_loss("ppo")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("delta", [None, 1.5])
+def test_sequence_level_and_two_sided_clipping_match_hand_computation(loss_type, level, delta):
+    _, loss, _ = run_loss(loss_type, beta=BETA, with_is=True, level=level, delta=delta)
+    expected = hand_loss(loss_type, BETA, True, level=level, delta=delta)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_two_sided_clipping_caps_a_negative_advantage_token():
+    # Row 1 token 2: ratio e^0.8 = 2.23 with A = -0.8; capped at 1.5 its loss is 1.2 instead of 1.78.
+    logps, loss, _ = run_loss("bnpo", delta=1.5)
+    _, plain, _ = run_loss("bnpo")
+    assert loss.item() < plain.item()
+    loss.backward()
+    assert logps.grad[1, 2].item() == 0.0  # the capped ratio passes no gradient
+    assert logps.grad[1, 1].item() != 0.0
+
+
+def test_sequence_level_clips_whole_completions():
+    # Row 0's mean log-ratio is (0.1 + 0.4 - 0.1 + 0) / 4 = 0.1: e^0.1 inside [0.8, 1.28], every token
+    # trained; with epsilon_high 0.05 the whole row is clipped (A > 0) and no token of it gets a gradient.
+    logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
+    loss, stats = grpo_loss(logps, torch.tensor(OLD_LOGPS, dtype=torch.float64),
+                            torch.tensor(ADVANTAGES, dtype=torch.float64), torch.tensor(MASK), loss_type="bnpo",
+                            epsilon_low=EPS_LOW, epsilon_high=0.05, importance_sampling_level="sequence")
+    loss.backward()
+    assert torch.all(logps.grad[0] == 0)
+    assert torch.all(logps.grad[2, :2] != 0)
+    assert stats["clip_ratio/high"].item() == pytest.approx(4 / 9)  # row 0's four tokens of the nine real ones
+
+
+def test_unknown_importance_sampling_level_is_refused():
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        run_loss("grpo", level="group")
 
 
 REWARDS = [1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 2.0]

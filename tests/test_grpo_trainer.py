@@ -93,6 +93,19 @@ def test_model_object_and_its_tokenizer_are_accepted(tiny_checkpoints, tmp_path)
     assert {"eval_reward", "eval_completions/mean_length", "eval_time/generation"} <= set(trainer.state.log_history[-1])
 
 
+def test_gspo_with_two_sided_clipping_learns_off_policy(tiny_checkpoints, tmp_path):
+    # Each generation trains two micro-steps, each its own optimizer step: the second is off-policy.
+    args = learning_args(tmp_path, per_device_train_batch_size=8, steps_per_generation=2, loss_type="grpo",
+                         importance_sampling_level="sequence", delta=1.5, max_steps=16)
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["Say:"] * 64}))
+    assert trainer.needs_old_logps
+    trainer.train()
+    assert_reward_rises(rewards_by_step(trainer))
+    clipped = [entry["clip_ratio/region_mean"] for entry in trainer.state.log_history if "clip_ratio/region_mean" in entry]
+    assert all(0.0 <= value <= 1.0 for value in clipped)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -105,6 +118,8 @@ def test_model_object_and_its_tokenizer_are_accepted(tiny_checkpoints, tmp_path)
         (dict(generation_batch_size=12), "multiple of per_device_train_batch_size"),
         (dict(temperature=0.0), "temperature"),
         (dict(beta=-0.1), "beta"),
+        (dict(delta=1.0), "delta must be > 1"),
+        (dict(importance_sampling_level="group"), "importance_sampling_level"),
     ],
 )
 def test_invalid_configs_fail_at_construction(tmp_path, overrides, message):
@@ -129,7 +144,7 @@ def test_config_resolves_generation_batch_and_keeps_trl_names(tmp_path):
                  "vllm_server_port", "vllm_server_timeout", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
                  "vllm_importance_sampling_correction", "vllm_importance_sampling_cap", "beta", "num_iterations",
                  "epsilon", "epsilon_high", "loss_type", "scale_rewards", "reward_weights",
-                 "mask_truncated_completions", "log_completions"):
+                 "mask_truncated_completions", "log_completions", "importance_sampling_level", "delta"):
         assert helps.get(name), name
 
 

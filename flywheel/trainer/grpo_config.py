@@ -8,6 +8,7 @@ from flywheel.trainer.rollout_config import RolloutTrainingArguments
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 @dataclass
@@ -48,6 +49,23 @@ class GRPOConfig(RolloutTrainingArguments):
     epsilon_high: float | None = field(
         default=None,
         metadata={"help": "Upper clipping bound: 1 + epsilon_high (DAPO's clip-higher). Default: epsilon."},
+    )
+    delta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Two-sided clipping (INTELLECT-2): cap the unclipped probability ratio at delta as well, so "
+            "that a token with a negative advantage weighs at most delta; > 1, best above 1 + epsilon_high. "
+            "Default: no cap."
+        },
+    )
+    importance_sampling_level: str = field(
+        default="token",
+        metadata={
+            "help": "'token': a probability ratio per token (GRPO). 'sequence': one ratio per completion, the "
+            "exp of its tokens' mean log-ratio, clipped as a whole (GSPO; the paper pairs it with loss_type "
+            "'grpo' and epsilon 3e-4, epsilon_high 4e-4). On-policy every ratio is 1, so the choice matters only "
+            "when steps_per_generation > gradient_accumulation_steps or num_iterations > 1."
+        },
     )
     loss_type: str = field(
         default="dapo",
@@ -111,6 +129,11 @@ class GRPOConfig(RolloutTrainingArguments):
             self.epsilon_high = self.epsilon
         if self.epsilon_high <= 0:
             raise ValueError(f"epsilon_high must be > 0, got {self.epsilon_high}")
+        if self.delta is not None and self.delta <= 1:
+            raise ValueError(f"delta must be > 1 (it caps the probability ratio, which is 1 on-policy), got {self.delta}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                             f"got {self.importance_sampling_level!r}")
         if self.vllm_importance_sampling_cap <= 0:
             raise ValueError(f"vllm_importance_sampling_cap must be > 0, got {self.vllm_importance_sampling_cap}")
         self._resolve_generation_batch()

@@ -228,7 +228,8 @@ class GRPOTrainer(OnlineTrainer):
             importance_weights = self._importance_weights(mode, old_logps, inputs["sampling_logps"], mask)
         loss, stats = grpo_loss(
             logps, old_logps, inputs["advantages"], inputs["loss_mask"], loss_type=args.loss_type,
-            epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta,
+            epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
+            importance_sampling_level=args.importance_sampling_level, delta=args.delta, beta=args.beta,
             ref_logps=inputs.get("ref_logps"), importance_weights=importance_weights,
             max_completion_length=args.max_completion_length, num_items_in_batch=inputs["tokens_per_micro_batch"],
         )

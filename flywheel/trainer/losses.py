@@ -35,6 +35,8 @@ def grpo_loss(
     loss_type: str,
     epsilon_low: float,
     epsilon_high: float,
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
     importance_weights: torch.Tensor | None = None,
@@ -51,6 +53,10 @@ def grpo_loss(
         loss_type: 'grpo' (mean per sequence, then over sequences), 'bnpo' (mean over the batch's tokens),
             'dr_grpo' (token sum ÷ (B × max_completion_length)), 'dapo' (token sum ÷ num_items_in_batch).
         epsilon_low, epsilon_high: the ratio is clipped to [1 − epsilon_low, 1 + epsilon_high].
+        importance_sampling_level: 'token' (a ratio per token) or 'sequence' (GSPO: one ratio per
+            completion, exp of the mean of its tokens' log-ratios, clipped as a whole).
+        delta: with a value, the unclipped ratio is also capped at delta (two-sided clipping: a token
+            with a negative advantage cannot weigh more than delta).
         beta: weight of the per-token KL to `ref_logps`.
         importance_weights: [B, T] truncated importance-sampling weights π_old / π_engine (capped), or None.
         max_completion_length: the normaliser of 'dr_grpo'.
@@ -61,10 +67,16 @@ def grpo_loss(
         'clip_ratio/region' (fractions of tokens, detached).
     """
     mask = completion_mask.to(logps.dtype)
-    ratio = torch.exp(logps - old_logps)
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "sequence":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; choose token or sequence")
+    ratio = torch.exp(log_ratio).expand_as(logps)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    unclipped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)
     advantages = advantages.unsqueeze(1)
-    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)
+    per_token_loss = -torch.min(unclipped_ratio * advantages, clipped_ratio * advantages)
     if importance_weights is not None:
         per_token_loss = per_token_loss * importance_weights
     stats: dict[str, torch.Tensor] = {}
