@@ -4,7 +4,9 @@ import copy
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
 
+from flywheel.testing import tiny_config
 from flywheel.trainer import logprobs
 from flywheel.trainer.logprobs import completion_logps, token_logps_and_entropy
 from flywheel.trainer.prompt_packing import enable_packed_prompts, packs_prompts
@@ -176,6 +178,16 @@ def test_packed_groups_train_as_their_rows_alone_on_gpu(hf_models, name):
     packed = logps_and_gradient(model, grouped_batch(), [slice(0, 6)])
     assert len(forwards) == 1  # one forward, its layers recomputed in the backward
     assert_same_scores(packed, alone)
+
+
+@pytest.mark.parametrize("overrides", [dict(attention_dropout=0.1), dict(use_sliding_window=True, sliding_window=4,
+                                                                        max_window_layers=1), dict()])
+def test_models_that_flex_attention_would_change_keep_their_attention(overrides):
+    settings = {**tiny_config("qwen2").to_dict(), "layer_types": None, **overrides}  # layer types derived anew
+    implementation = "sdpa" if overrides else "eager"
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**settings), attn_implementation=implementation)
+    assert not enable_packed_prompts(model)
+    assert model.config._attn_implementation == implementation
 
 
 def test_a_checkpointed_model_in_training_runs_the_plain_forward(hf_models):

@@ -58,10 +58,12 @@ AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
 
 
 def enable_packed_prompts(model: nn.Module) -> bool:
-    """Give an sdpa model with full attention in every layer the packed attention; whether it has it."""
+    """Give an sdpa model with full attention in every layer, and no attention dropout (FlexAttention has
+    none), the packed attention; whether it has it."""
     config = model.config
     full_attention = all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or [])
-    if config._attn_implementation == "sdpa" and full_attention:
+    no_dropout = not getattr(config, "attention_dropout", 0.0)
+    if config._attn_implementation == "sdpa" and full_attention and no_dropout:
         model.set_attn_implementation(PACKED_ATTENTION)
     return config._attn_implementation == PACKED_ATTENTION
 
