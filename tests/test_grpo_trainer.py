@@ -3,6 +3,7 @@
 import pytest
 import torch
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
 from flywheel import GRPOConfig, GRPOTrainer
 
@@ -77,7 +78,7 @@ def test_conversational_prompts_columns_none_rewards_and_a_reward_model(tiny_che
 
 
 def test_model_object_and_its_tokenizer_are_accepted(tiny_checkpoints, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"])
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["qwen2"])
@@ -104,6 +105,16 @@ def test_gspo_with_two_sided_clipping_learns_off_policy(tiny_checkpoints, tmp_pa
     assert_reward_rises(rewards_by_step(trainer))
     clipped = [entry["clip_ratio/region_mean"] for entry in trainer.state.log_history if "clip_ratio/region_mean" in entry]
     assert all(0.0 <= value <= 1.0 for value in clipped)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_disable_dropout_makes_the_training_forward_repeatable(tiny_checkpoints, tmp_path, disable):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"], attention_dropout=0.5)
+    GRPOTrainer(model=model, reward_funcs=lowercase_fraction, train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}),
+                args=learning_args(tmp_path, disable_dropout=disable))
+    model.train()
+    input_ids = torch.arange(1, 30)[None]
+    assert torch.equal(model(input_ids).logits, model(input_ids).logits) == disable
 
 
 @pytest.mark.parametrize(
@@ -144,7 +155,7 @@ def test_config_resolves_generation_batch_and_keeps_trl_names(tmp_path):
                  "vllm_server_port", "vllm_server_timeout", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
                  "vllm_importance_sampling_correction", "vllm_importance_sampling_cap", "beta", "num_iterations",
                  "epsilon", "epsilon_high", "loss_type", "scale_rewards", "reward_weights",
-                 "mask_truncated_completions", "log_completions", "importance_sampling_level", "delta"):
+                 "mask_truncated_completions", "log_completions", "importance_sampling_level", "delta", "disable_dropout"):
         assert helps.get(name), name
 
 

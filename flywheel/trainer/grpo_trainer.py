@@ -74,7 +74,7 @@ class GRPOTrainer(OnlineTrainer):
         self.ref_model = None
         if args.beta != 0.0:
             ref = reference_model(self.model_path, self.model, args.model_init_kwargs)
-            self.pack_prompts_on_gpu(ref)
+            self.prepare_forward(ref)
             self.ref_model = self.prepare_frozen_model(ref)
         # A generation is trained on over `steps_per_generation × num_iterations` micro-steps. Unless
         # every optimizer step spans whole generations, some of those micro-steps run after an

@@ -18,6 +18,13 @@ class OnlineDPOConfig(RolloutTrainingArguments):
 
     learning_rate: float = field(default=5e-7, metadata={"help": "Initial learning rate of AdamW."})
     max_completion_length: int = field(default=64, metadata={"help": "Most tokens generated per completion."})
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Set every dropout of the trained and reference models to 0, attention dropout included, so "
+            "that both score a completion the same way in every forward."
+        },
+    )
     max_new_tokens: int | None = field(
         default=None,
         metadata={"help": "TRL's name for max_completion_length; when set, it wins."},

@@ -64,7 +64,7 @@ class OnlineDPOTrainer(OnlineTrainer):
             ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **(args.model_init_kwargs or {"dtype": "auto"}))
         if ref_model is None:
             ref_model = reference_model(self.model_path, self.model, args.model_init_kwargs)
-        self.pack_prompts_on_gpu(ref_model)
+        self.prepare_forward(ref_model)
         self.ref_model = self.prepare_frozen_model(ref_model.eval().requires_grad_(False))
 
     def _prepare_inputs(self, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -81,6 +81,17 @@ def keep_outputs_in_model_dtype(model: nn.Module) -> None:
         module.forward = MethodType(inner, module) if isinstance(forward, MethodType) else inner
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout of `model` to 0: its `nn.Dropout` modules and its attention layers' own rate."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if hasattr(model.config, "attention_dropout"):
+        model.config.attention_dropout = 0.0
+
+
 def reference_model(model_path: str | None, policy: PreTrainedModel,
                     model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
     """A frozen copy of the initial policy (reloaded from its path, or deep-copied)."""
@@ -116,7 +127,7 @@ class OnlineTrainer(Trainer):
                          optimizers=optimizers)
         # The losses are per-micro-batch means: the Trainer divides them by the accumulation steps.
         self.model_accepts_loss_kwargs = False
-        self.pack_prompts_on_gpu(self.model)
+        self.prepare_forward(self.model)
         self.metrics = MetricsLog()
         self._metrics_logged_step = 0
         self.eos_token_ids = self._eos_token_ids()
@@ -139,8 +150,11 @@ class OnlineTrainer(Trainer):
         keep_outputs_in_model_dtype(self.accelerator.unwrap_model(model))
         return model
 
-    def pack_prompts_on_gpu(self, model: PreTrainedModel) -> None:
-        """On a GPU, let a model score a batch's groups in packed forwards (`prompt_packing`)."""
+    def prepare_forward(self, model: PreTrainedModel) -> None:
+        """Dropout off if asked (`disable_dropout`); on a GPU, a batch's groups scored in packed forwards
+        (`prompt_packing`)."""
+        if self.args.disable_dropout:
+            disable_dropout(model)
         if self.args.pack_prompts and self.args.device.type == "cuda":
             enable_packed_prompts(model)
 

@@ -41,6 +41,13 @@ class RolloutTrainingArguments(TrainingArguments):
             "(e.g. {'dtype': 'bfloat16'}); dtype defaults to 'auto'."
         },
     )
+    disable_dropout: bool = field(
+        default=False,
+        metadata={
+            "help": "Set every dropout of the trained (and reference) model to 0, attention dropout included, so "
+            "that the trainer's logprobs of a completion are the same in every forward."
+        },
+    )
     pack_prompts: bool = field(
         default=True,
         metadata={
