@@ -27,7 +27,8 @@ def hand_ratio(i: int, t: int, level: str, logps=LOGPS, old=OLD_LOGPS, mask=MASK
 
 
 def hand_token_losses(beta: float, with_is: bool, advantages=ADVANTAGES, logps=LOGPS, old=OLD_LOGPS, ref=REF_LOGPS,
-                      weights=IS_WEIGHTS, level: str = "token", delta: float | None = None) -> list[list[float]]:
+                      weights=IS_WEIGHTS, level: str = "token", delta: float | None = None,
+                      kept=None) -> list[list[float]]:
     """Per-token loss, one token at a time, straight from the GRPO objective."""
     losses = []
     for i in range(len(logps)):
@@ -39,6 +40,8 @@ def hand_token_losses(beta: float, with_is: bool, advantages=ADVANTAGES, logps=L
             loss = -min(capped * advantages[i], clipped * advantages[i])
             if with_is:
                 loss *= weights[i][t]
+            if kept is not None:
+                loss *= kept[i][t]
             if beta:
                 r = ref[i][t] - logps[i][t]
                 loss += beta * (math.exp(r) - r - 1)
@@ -164,6 +167,18 @@ def test_sequence_level_clips_whole_completions():
     assert torch.all(logps.grad[0] == 0)
     assert torch.all(logps.grad[2, :2] != 0)
     assert stats["clip_ratio/high"].item() == pytest.approx(4 / 9)  # row 0's four tokens of the nine real ones
+
+
+def test_entropy_mask_drops_the_policy_term_but_keeps_kl_and_normalisation():
+    kept = [[1, 0, 1, 0], [0, 1, 1, 0], [1, 0, 0, 0]]
+    logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
+    loss, _ = grpo_loss(logps, torch.tensor(OLD_LOGPS, dtype=torch.float64),
+                        torch.tensor(ADVANTAGES, dtype=torch.float64), torch.tensor(MASK), loss_type="grpo",
+                        epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, beta=BETA,
+                        ref_logps=torch.tensor(REF_LOGPS, dtype=torch.float64),
+                        entropy_mask=torch.tensor(kept, dtype=torch.float64))
+    assert loss.item() == pytest.approx(hand_loss("grpo", BETA, kept=kept), abs=1e-6)
+    assert loss.item() != pytest.approx(hand_loss("grpo", BETA), abs=1e-3)
 
 
 def test_unknown_importance_sampling_level_is_refused():

@@ -103,7 +103,8 @@ def test_gspo_with_two_sided_clipping_learns_off_policy(tiny_checkpoints, tmp_pa
     assert trainer.needs_old_logps
     trainer.train()
     assert_reward_rises(rewards_by_step(trainer))
-    clipped = [entry["clip_ratio/region_mean"] for entry in trainer.state.log_history if "clip_ratio/region_mean" in entry]
+    clipped = [entry["clip_ratio/region_mean"] for entry in trainer.state.log_history
+               if "clip_ratio/region_mean" in entry]
     assert all(0.0 <= value <= 1.0 for value in clipped)
 
 
@@ -115,6 +116,23 @@ def test_disable_dropout_makes_the_training_forward_repeatable(tiny_checkpoints,
     model.train()
     input_ids = torch.arange(1, 30)[None]
     assert torch.equal(model(input_ids).logits, model(input_ids).logits) == disable
+
+
+@pytest.mark.parametrize(("quantile", "kept"), [
+    (0.5, [[0, 0, 0, 1], [1, 1, 1, 0]]),
+    (0.0, [[0, 0, 0, 0], [0, 0, 1, 0]]),
+    (1.0, [[1, 1, 1, 1], [1, 1, 1, 0]]),
+])
+def test_top_entropy_quantile_keeps_the_highest_entropy_tokens(tiny_checkpoints, tmp_path, quantile, kept):
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction,
+                          train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}),
+                          args=learning_args(tmp_path, top_entropy_quantile=quantile, max_steps=1))
+    # Seven real tokens with entropies 1..7 (the padding's 9 would rank first).
+    entropy = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    assert trainer._high_entropy_mask(entropy, mask).long().tolist() == kept
+    trainer.train()
+    assert trainer.state.global_step == 1
 
 
 @pytest.mark.parametrize(
@@ -131,6 +149,7 @@ def test_disable_dropout_makes_the_training_forward_repeatable(tiny_checkpoints,
         (dict(beta=-0.1), "beta"),
         (dict(delta=1.0), "delta must be > 1"),
         (dict(importance_sampling_level="group"), "importance_sampling_level"),
+        (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
     ],
 )
 def test_invalid_configs_fail_at_construction(tmp_path, overrides, message):
@@ -155,7 +174,8 @@ def test_config_resolves_generation_batch_and_keeps_trl_names(tmp_path):
                  "vllm_server_port", "vllm_server_timeout", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
                  "vllm_importance_sampling_correction", "vllm_importance_sampling_cap", "beta", "num_iterations",
                  "epsilon", "epsilon_high", "loss_type", "scale_rewards", "reward_weights",
-                 "mask_truncated_completions", "log_completions", "importance_sampling_level", "delta", "disable_dropout"):
+                 "mask_truncated_completions", "log_completions", "importance_sampling_level", "delta",
+                 "disable_dropout", "top_entropy_quantile"):
         assert helps.get(name), name
 
 

@@ -67,6 +67,14 @@ class GRPOConfig(RolloutTrainingArguments):
             "when steps_per_generation > gradient_accumulation_steps or num_iterations > 1."
         },
     )
+    top_entropy_quantile: float = field(
+        default=1.0,
+        metadata={
+            "help": "ρ of 'Beyond the 80/20 rule': only the tokens whose entropy is in the top ρ quantile of the "
+            "micro-batch (over all processes) keep their policy-gradient term; the KL term keeps every token. "
+            "1.0 keeps all tokens, 0.0 only the highest-entropy one."
+        },
+    )
     loss_type: str = field(
         default="dapo",
         metadata={
@@ -130,7 +138,10 @@ class GRPOConfig(RolloutTrainingArguments):
         if self.epsilon_high <= 0:
             raise ValueError(f"epsilon_high must be > 0, got {self.epsilon_high}")
         if self.delta is not None and self.delta <= 1:
-            raise ValueError(f"delta must be > 1 (it caps the probability ratio, which is 1 on-policy), got {self.delta}")
+            raise ValueError(
+                f"delta must be > 1 (it caps the probability ratio, which is 1 on-policy), got {self.delta}")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must be in [0, 1], got {self.top_entropy_quantile}")
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
                              f"got {self.importance_sampling_level!r}")

@@ -199,6 +199,17 @@ class GRPOTrainer(OnlineTrainer):
         self.log_mean(mode, "sampling/importance_sampling_ratio/max", high)
         return weights
 
+    def _high_entropy_mask(self, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """True on the real tokens whose entropy is in the top `top_entropy_quantile` of this micro-step's
+        real tokens over all processes."""
+        real = mask.bool()
+        values = self.accelerator.pad_across_processes(entropy[real].float(), pad_index=float("nan"))
+        values = self.accelerator.gather(values)
+        if values.isnan().all():
+            return real
+        threshold = torch.nanquantile(values, 1.0 - self.args.top_entropy_quantile)
+        return real & (entropy >= threshold)
+
     def _remember_completions(self, generated: Generated, rewards: torch.Tensor) -> None:
         from accelerate.utils import gather_object
 
@@ -226,11 +237,14 @@ class GRPOTrainer(OnlineTrainer):
         importance_weights = inputs.get("importance_weights")
         if "old_logps" not in inputs and self._corrects_sampling(mode, inputs):
             importance_weights = self._importance_weights(mode, old_logps, inputs["sampling_logps"], mask)
+        entropy_mask = None
+        if args.top_entropy_quantile < 1.0:
+            entropy_mask = self._high_entropy_mask(entropy.detach(), inputs["loss_mask"])
         loss, stats = grpo_loss(
             logps, old_logps, inputs["advantages"], inputs["loss_mask"], loss_type=args.loss_type,
             epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
             importance_sampling_level=args.importance_sampling_level, delta=args.delta, beta=args.beta,
-            ref_logps=inputs.get("ref_logps"), importance_weights=importance_weights,
+            ref_logps=inputs.get("ref_logps"), importance_weights=importance_weights, entropy_mask=entropy_mask,
             max_completion_length=args.max_completion_length, num_items_in_batch=inputs["tokens_per_micro_batch"],
         )
         self.log_mean(mode, "entropy", masked_mean(entropy.detach(), mask))

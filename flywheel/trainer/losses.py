@@ -40,6 +40,7 @@ def grpo_loss(
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
     importance_weights: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -59,6 +60,8 @@ def grpo_loss(
             with a negative advantage cannot weigh more than delta).
         beta: weight of the per-token KL to `ref_logps`.
         importance_weights: [B, T] truncated importance-sampling weights π_old / π_engine (capped), or None.
+        entropy_mask: [B, T] 1 for the tokens whose policy term counts (`top_entropy_quantile`), or None;
+            the KL term and the normalisation still count every token of `completion_mask`.
         max_completion_length: the normaliser of 'dr_grpo'.
         num_items_in_batch: the normaliser of 'dapo' (the step's token count); default: this batch's.
 
@@ -79,6 +82,8 @@ def grpo_loss(
     per_token_loss = -torch.min(unclipped_ratio * advantages, clipped_ratio * advantages)
     if importance_weights is not None:
         per_token_loss = per_token_loss * importance_weights
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask
     stats: dict[str, torch.Tensor] = {}
     if beta != 0.0:
         if ref_logps is None:
