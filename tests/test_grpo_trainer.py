@@ -135,6 +135,21 @@ def test_top_entropy_quantile_keeps_the_highest_entropy_tokens(tiny_checkpoints,
     assert trainer.state.global_step == 1
 
 
+@pytest.mark.parametrize(("sync_steps", "mixed"), [(1, True), (2, False)])
+def test_sync_ref_model_mixes_the_policy_into_the_reference(tiny_checkpoints, tmp_path, sync_steps, mixed):
+    args = learning_args(tmp_path, beta=0.04, sync_ref_model=True, ref_model_mixup_alpha=0.25,
+                         ref_model_sync_steps=sync_steps, max_steps=1)
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["Say:"] * 16}))
+    before = {name: p.detach().clone() for name, p in trainer.ref_model.named_parameters()}
+    trainer.train()
+    policy = dict(trainer.model.named_parameters())
+    for name, ref_parameter in trainer.ref_model.named_parameters():
+        expected = 0.25 * policy[name] + 0.75 * before[name] if mixed else before[name]
+        torch.testing.assert_close(ref_parameter, expected, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(policy["model.norm.weight"], before["model.norm.weight"])  # the policy did move
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -150,6 +165,8 @@ def test_top_entropy_quantile_keeps_the_highest_entropy_tokens(tiny_checkpoints,
         (dict(delta=1.0), "delta must be > 1"),
         (dict(importance_sampling_level="group"), "importance_sampling_level"),
         (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
+        (dict(sync_ref_model=True), "set beta > 0"),
+        (dict(beta=0.1, ref_model_mixup_alpha=0.0), "ref_model_mixup_alpha"),
     ],
 )
 def test_invalid_configs_fail_at_construction(tmp_path, overrides, message):
@@ -175,7 +192,8 @@ def test_config_resolves_generation_batch_and_keeps_trl_names(tmp_path):
                  "vllm_importance_sampling_correction", "vllm_importance_sampling_cap", "beta", "num_iterations",
                  "epsilon", "epsilon_high", "loss_type", "scale_rewards", "reward_weights",
                  "mask_truncated_completions", "log_completions", "importance_sampling_level", "delta",
-                 "disable_dropout", "top_entropy_quantile"):
+                 "disable_dropout", "top_entropy_quantile", "sync_ref_model", "ref_model_mixup_alpha",
+                 "ref_model_sync_steps"):
         assert helps.get(name), name
 
 

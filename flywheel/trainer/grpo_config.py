@@ -39,6 +39,21 @@ class GRPOConfig(RolloutTrainingArguments):
         default=0.0,
         metadata={"help": "Weight of the KL penalty to the reference model; 0 loads no reference model."},
     )
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Pull the reference model towards the policy every ref_model_sync_steps optimizer steps "
+            "(TR-DPO): π_ref ← α·π_θ + (1 − α)·π_ref. Needs beta > 0."
+        },
+    )
+    ref_model_mixup_alpha: float = field(
+        default=0.6,
+        metadata={"help": "α of the reference update above, in (0, 1]; 1 copies the policy."},
+    )
+    ref_model_sync_steps: int = field(
+        default=512,
+        metadata={"help": "Optimizer steps between two reference updates (τ in TR-DPO)."},
+    )
     num_iterations: int = field(
         default=1,
         metadata={"help": "Updates per generation batch (μ in the GRPO paper); > 1 makes later updates off-policy."},
@@ -129,6 +144,12 @@ class GRPOConfig(RolloutTrainingArguments):
             )
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.sync_ref_model and self.beta == 0:
+            raise ValueError("sync_ref_model needs a reference model: set beta > 0")
+        if not 0 < self.ref_model_mixup_alpha <= 1:
+            raise ValueError(f"ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}")
+        if self.ref_model_sync_steps < 1:
+            raise ValueError(f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
         if self.epsilon <= 0:

@@ -15,6 +15,7 @@ from flywheel.trainer.grpo_config import GRPOConfig
 from flywheel.trainer.logprobs import completion_logps
 from flywheel.trainer.losses import grpo_loss, masked_extremes, masked_mean
 from flywheel.trainer.online_trainer import Generated, OnlineTrainer, reference_model
+from flywheel.trainer.ref_sync import SyncRefModelCallback
 from flywheel.trainer.rewards import (
     RewardFunc,
     RewardModelScorer,
@@ -76,6 +77,9 @@ class GRPOTrainer(OnlineTrainer):
             ref = reference_model(self.model_path, self.model, args.model_init_kwargs)
             self.prepare_forward(ref)
             self.ref_model = self.prepare_frozen_model(ref)
+            if args.sync_ref_model:
+                self.add_callback(SyncRefModelCallback(self.accelerator.unwrap_model(self.ref_model), self.model,
+                                                       args.ref_model_mixup_alpha, args.ref_model_sync_steps))
         # A generation is trained on over `steps_per_generation × num_iterations` micro-steps. Unless
         # every optimizer step spans whole generations, some of those micro-steps run after an
         # optimizer step, and the generating policy's logprobs need a pass of their own; otherwise
