@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from flywheel.trainer.losses import grpo_loss, masked_extremes
+from flywheel.trainer.losses import grpo_loss, importance_sampling_weights, masked_extremes
 from flywheel.trainer.rewards import combine_rewards, compute_rewards, group_advantages
 
 # Three completions of up to four tokens; the third has only two real tokens.
@@ -179,6 +179,25 @@ def test_entropy_mask_drops_the_policy_term_but_keeps_kl_and_normalisation():
                         entropy_mask=torch.tensor(kept, dtype=torch.float64))
     assert loss.item() == pytest.approx(hand_loss("grpo", BETA, kept=kept), abs=1e-6)
     assert loss.item() != pytest.approx(hand_loss("grpo", BETA), abs=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_importance_sampling_weights_match_hand_computation(mode):
+    # Row 0 has a token ratio above the cap (e^0.6) and a sequence ratio above it (e^0.5); rows 1 and 2 don't.
+    sampling = [[-1.0, -1.5, -1.8, -0.2], [-0.2, -1.1, -1.4, -0.3], [-2.1, -0.3, -1.0, -1.0]]
+    cap = 1.5
+    weights = importance_sampling_weights(torch.tensor(OLD_LOGPS, dtype=torch.float64),
+                                          torch.tensor(sampling, dtype=torch.float64), torch.tensor(MASK),
+                                          mode=mode, cap=cap)
+    level, constraint = mode.split("_")
+    for i in range(3):
+        sequence_log_ratio = sum(OLD_LOGPS[i][t] - sampling[i][t] for t in range(4) if MASK[i][t])
+        for t in range(4):
+            log_ratio = OLD_LOGPS[i][t] - sampling[i][t] if level == "token" else sequence_log_ratio
+            ratio = math.exp(log_ratio)
+            expected = min(ratio, cap) if constraint == "truncate" else (0.0 if ratio > cap else ratio)
+            assert weights[i, t].item() == pytest.approx(expected, abs=1e-12), (i, t)
+    assert (weights == 0).any().item() == (constraint == "mask")
 
 
 def test_unknown_importance_sampling_level_is_refused():

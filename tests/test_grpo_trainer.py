@@ -165,6 +165,7 @@ def test_sync_ref_model_mixes_the_policy_into_the_reference(tiny_checkpoints, tm
         (dict(delta=1.0), "delta must be > 1"),
         (dict(importance_sampling_level="group"), "importance_sampling_level"),
         (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
+        (dict(vllm_importance_sampling_mode="token"), "vllm_importance_sampling_mode"),
         (dict(sync_ref_model=True), "set beta > 0"),
         (dict(beta=0.1, ref_model_mixup_alpha=0.0), "ref_model_mixup_alpha"),
     ],
@@ -193,7 +194,7 @@ def test_config_resolves_generation_batch_and_keeps_trl_names(tmp_path):
                  "epsilon", "epsilon_high", "loss_type", "scale_rewards", "reward_weights",
                  "mask_truncated_completions", "log_completions", "importance_sampling_level", "delta",
                  "disable_dropout", "top_entropy_quantile", "sync_ref_model", "ref_model_mixup_alpha",
-                 "ref_model_sync_steps"):
+                 "ref_model_sync_steps", "vllm_importance_sampling_mode"):
         assert helps.get(name), name
 
 

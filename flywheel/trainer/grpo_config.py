@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flywheel.trainer.losses import IMPORTANCE_SAMPLING_MODES
 from flywheel.trainer.rollout_config import RolloutTrainingArguments
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -116,13 +117,22 @@ class GRPOConfig(RolloutTrainingArguments):
     vllm_importance_sampling_correction: bool = field(
         default=True,
         metadata={
-            "help": "With use_vllm, weight each token's loss by min(π_trainer / π_engine, cap) to correct the gap "
-            "between the engine's and the trainer's probabilities (truncated importance sampling)."
+            "help": "With use_vllm, weight each token's loss by the ratio π_trainer / π_engine (capped, see "
+            "vllm_importance_sampling_mode) to correct the gap between the engine's and the trainer's "
+            "probabilities."
+        },
+    )
+    vllm_importance_sampling_mode: str = field(
+        default="token_truncate",
+        metadata={
+            "help": "How that ratio is taken: per 'token_…' or per completion, 'sequence_…' (the product of its "
+            "tokens' ratios, for all its tokens); above vllm_importance_sampling_cap it is capped ('…_truncate') "
+            "or set to 0 ('…_mask'). One of token_truncate, token_mask, sequence_truncate, sequence_mask."
         },
     )
     vllm_importance_sampling_cap: float = field(
         default=2.0,
-        metadata={"help": "Upper bound of the importance-sampling weight."},
+        metadata={"help": "The importance-sampling ratio's cap C (see vllm_importance_sampling_mode)."},
     )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the training prompts."})
 
@@ -166,6 +176,9 @@ class GRPOConfig(RolloutTrainingArguments):
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
                              f"got {self.importance_sampling_level!r}")
+        if self.vllm_importance_sampling_mode not in IMPORTANCE_SAMPLING_MODES:
+            raise ValueError(f"vllm_importance_sampling_mode must be one of {IMPORTANCE_SAMPLING_MODES}, "
+                             f"got {self.vllm_importance_sampling_mode!r}")
         if self.vllm_importance_sampling_cap <= 0:
             raise ValueError(f"vllm_importance_sampling_cap must be > 0, got {self.vllm_importance_sampling_cap}")
         self._resolve_generation_batch()

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from flywheel.trainer.batching import split_batch
 from flywheel.trainer.grpo_config import GRPOConfig
 from flywheel.trainer.logprobs import completion_logps
-from flywheel.trainer.losses import grpo_loss, masked_extremes, masked_mean
+from flywheel.trainer.losses import grpo_loss, importance_sampling_weights, masked_extremes, masked_mean
 from flywheel.trainer.online_trainer import Generated, OnlineTrainer, reference_model
 from flywheel.trainer.ref_sync import SyncRefModelCallback
 from flywheel.trainer.rewards import (
@@ -194,8 +194,11 @@ class GRPOTrainer(OnlineTrainer):
 
     def _importance_weights(self, mode: str, old_logps: torch.Tensor, sampling_logps: torch.Tensor,
                             mask: torch.Tensor) -> torch.Tensor:
-        """Truncated importance-sampling weights min(π_old / π_engine, cap), logged over the real tokens."""
-        weights = torch.exp(old_logps - sampling_logps).clamp(max=self.args.vllm_importance_sampling_cap)
+        """Importance-sampling weights π_old / π_engine (`vllm_importance_sampling_mode`), logged over the real
+        tokens."""
+        weights = importance_sampling_weights(old_logps, sampling_logps, mask,
+                                              mode=self.args.vllm_importance_sampling_mode,
+                                              cap=self.args.vllm_importance_sampling_cap)
         low, high = masked_extremes(weights, mask)
         mean = torch.where(mask.any(), masked_mean(weights, mask), float("nan"))
         self.log_mean(mode, "sampling/importance_sampling_ratio/mean", mean)

@@ -26,6 +26,28 @@ def masked_extremes(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     return low, high
 
 
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def importance_sampling_weights(old_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, *,
+                                mode: str, cap: float) -> torch.Tensor:
+    """[B, T] weights π_old / π_engine that correct for the engine's probabilities differing from the trainer's.
+
+    'token_*' weighs each token by its own ratio; 'sequence_*' weighs every token of a completion by the
+    completion's ratio (the product of its tokens'). '*_truncate' caps a ratio at `cap`; '*_mask' sets a
+    ratio above `cap` to 0, leaving those tokens out of the gradient.
+    """
+    if mode not in IMPORTANCE_SAMPLING_MODES:
+        raise ValueError(f"unknown importance-sampling mode {mode!r}; choose one of {IMPORTANCE_SAMPLING_MODES}")
+    level, constraint = mode.split("_")
+    log_ratio = old_logps - sampling_logps
+    if level == "sequence":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True)
+    ratio = torch.exp(log_ratio)
+    weights = ratio.clamp(max=cap) if constraint == "truncate" else ratio.masked_fill(ratio > cap, 0.0)
+    return weights.expand_as(old_logps)
+
+
 def grpo_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
