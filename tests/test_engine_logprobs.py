@@ -41,6 +41,21 @@ def test_sampled_logprobs_match_transformers(llm, hf_models, temperature):
         assert completion.cumulative_logprob == pytest.approx(sum(completion.logprobs.sampled), abs=1e-4)
 
 
+def test_truncated_sampling_reports_full_vocabulary_logprobs(llm, hf_models):
+    # The trainer scores completions over the whole vocabulary: logprobs renormalized over what top-k,
+    # top-p or min-p kept would put the kept mass S into every importance-sampling ratio.
+    prompt = [8, 9, 10, 11]
+    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.7, min_p=0.05, max_tokens=10, logprobs=0, seed=3,
+                            ignore_eos=True)
+    completion = llm.generate([prompt], params)[0].outputs[0]
+    reference = reference_logprobs(hf_models["qwen3"], prompt, completion.token_ids, 0.8)
+    kept_mass = 1.0
+    for position, token in enumerate(completion.token_ids):
+        assert completion.logprobs.sampled[position] == pytest.approx(reference[position, token].item(), abs=1e-4)
+        kept_mass = min(kept_mass, reference[position].exp().topk(6).values.sum().item())
+    assert kept_mass < 0.9  # truncation did drop mass that renormalized logprobs would have shown
+
+
 def test_raw_logprobs_ignore_temperature(llm, hf_models):
     prompt = [10, 11, 12]
     params = SamplingParams(temperature=0.5, max_tokens=6, logprobs=0, logprobs_mode="raw", seed=1, ignore_eos=True)
