@@ -81,7 +81,7 @@ def grpo_loss(
         delta: with a value, the unclipped ratio is also capped at delta (two-sided clipping: a token
             with a negative advantage cannot weigh more than delta).
         beta: weight of the per-token KL to `ref_logps`.
-        importance_weights: [B, T] truncated importance-sampling weights π_old / π_engine (capped), or None.
+        importance_weights: [B, T] weights π_old / π_engine (`importance_sampling_weights`), or None.
         entropy_mask: [B, T] 1 for the tokens whose policy term counts (`top_entropy_quantile`), or None;
             the KL term and the normalisation still count every token of `completion_mask`.
         max_completion_length: the normaliser of 'dr_grpo'.
