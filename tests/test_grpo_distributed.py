@@ -17,6 +17,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     from flywheel.trainer.rewards import char_fraction_reward
 
     model_path, out_dir, server_port, group_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    overrides = json.loads(sys.argv[5])
     torch.set_num_threads(1)
 
     @atexit.register  # registered before the trainer's exit hook, so it runs after that one
@@ -32,14 +33,16 @@ TRAIN_SCRIPT = textwrap.dedent(
     args = GRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=8, num_generations=8, max_completion_length=10,
         learning_rate=1e-2, max_steps=12, logging_steps=1, report_to="none", save_strategy="no",
-        disable_tqdm=True, seed=0, use_vllm=True, **placement,
+        disable_tqdm=True, seed=0, use_vllm=True, **placement, **overrides,
     )
     dataset = Dataset.from_dict({"prompt": [f"Say {i}:" for i in range(256)]})
     trainer = GRPOTrainer(model=model_path, reward_funcs=char_fraction_reward("abcdefghijklmnopqrstuvwxyz"),
                           args=args, train_dataset=dataset)
     trainer.train()
-    # Both replicas must hold the same weights after training (DDP averaged the gradients).
-    checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters())
+    # Both replicas must hold the same weights after training (DDP averaged the gradients), and the same
+    # reference model when there is one.
+    models = [trainer.model] + ([trainer.ref_model] if trainer.ref_model is not None else [])
+    checksum = [sum(p.detach().double().sum().item() for p in model.parameters()) for model in models]
     checksums = trainer.accelerator.gather(torch.tensor([checksum], dtype=torch.float64)).tolist()
     if trainer.accelerator.is_main_process:
         rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
@@ -49,12 +52,13 @@ TRAIN_SCRIPT = textwrap.dedent(
 )
 
 
-def launch_two_processes(model_path, tmp_path, server_port=0):
+def launch_two_processes(model_path, tmp_path, server_port=0, **overrides):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port",
-               str(free_port()), str(script), model_path, str(tmp_path), str(server_port), str(free_port())]
+               str(free_port()), str(script), model_path, str(tmp_path), str(server_port), str(free_port()),
+               json.dumps(overrides)]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **CPU_ONLY_ENV})
     assert run.returncode == 0, run.stderr[-4000:]
     # The trainers destroy the Gloo group before the interpreter finalizes (see exit_teardown.py).
@@ -65,7 +69,8 @@ def launch_two_processes(model_path, tmp_path, server_port=0):
 
 def check_learned_with_identical_replicas(result):
     assert result["processes"] == 2
-    assert abs(result["checksums"][0] - result["checksums"][1]) < 1e-6
+    for first_replica, second_replica in zip(*result["checksums"], strict=True):
+        assert abs(first_replica - second_replica) < 1e-6
     rewards = result["rewards"]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.25, f"reward did not rise: {[round(r, 3) for r in rewards]}"
@@ -80,3 +85,12 @@ def test_two_processes_learn_with_a_server(tiny_checkpoints, tmp_path):
 
 def test_two_processes_learn_with_colocated_engines(tiny_checkpoints, tmp_path):
     check_learned_with_identical_replicas(launch_two_processes(tiny_checkpoints["qwen2"], tmp_path))
+
+
+def test_two_processes_learn_with_gspo_an_entropy_mask_and_a_synced_reference(tiny_checkpoints, tmp_path):
+    # The entropy threshold is taken over both processes' tokens; each reference follows its own replica.
+    result = launch_two_processes(tiny_checkpoints["qwen2"], tmp_path, beta=0.04, sync_ref_model=True,
+                                  ref_model_sync_steps=2, top_entropy_quantile=0.5,
+                                  importance_sampling_level="sequence")
+    check_learned_with_identical_replicas(result)
+    assert len(result["checksums"][0]) == 2  # the policy and the reference
