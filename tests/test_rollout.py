@@ -4,7 +4,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flywheel.trainer.batching import left_pad, right_pad, split_batch
-from flywheel.trainer.rollout import Rollout, RolloutOutput, SamplingSettings, TransformersRollout, prompt_runs
+from flywheel.trainer.prompts import prompt_runs
+from flywheel.trainer.rollout import Rollout, RolloutOutput, SamplingSettings, TransformersRollout
 from flywheel.trainer.sampler import RepeatSampler
 
 

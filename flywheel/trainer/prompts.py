@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
+
+Prompt = TypeVar("Prompt")
 
 
 def is_conversational(prompt: Any) -> bool:
@@ -23,21 +25,31 @@ def prompt_text(prompt: str | list[dict[str, str]], tokenizer: PreTrainedTokeniz
     return prompt
 
 
+def prompt_runs(prompts: Sequence[Prompt]) -> list[tuple[Prompt, int]]:
+    """Consecutive repeats of one prompt as (prompt, count): a group's completions, rendered, tokenized and
+    prefilled once."""
+    runs: list[tuple[Prompt, int]] = []
+    for prompt in prompts:
+        if runs and runs[-1][0] == prompt:
+            runs[-1] = (prompt, runs[-1][1] + 1)
+        else:
+            runs.append((prompt, 1))
+    return runs
+
+
 def tokenize_prompts(prompts: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
                      max_prompt_length: int | None) -> list[list[int]]:
     """Token ids of each prompt, keeping the last `max_prompt_length` tokens of long ones.
 
-    A prompt repeated in consecutive entries (a group's completions) is rendered and tokenized once,
-    and those entries share its list of ids.
+    A prompt repeated in consecutive entries is tokenized once, and those entries share its list of ids.
     """
-    starts = [index for index, prompt in enumerate(prompts) if index == 0 or prompt != prompts[index - 1]]
-    texts = [prompt_text(prompts[index], tokenizer) for index in starts]
+    runs = prompt_runs(prompts)
+    texts = [prompt_text(prompt, tokenizer) for prompt, _ in runs]
     # The chat template already carries any BOS token; plain prompts are taken as written (as TRL does).
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     if max_prompt_length is not None:
         ids = [row[-max_prompt_length:] for row in ids]
-    ends = starts[1:] + [len(prompts)]
-    return [row for row, start, end in zip(ids, starts, ends) for _ in range(end - start)]
+    return [row for row, (_, count) in zip(ids, runs) for _ in range(count)]
 
 
 def decode_completions(prompts: Sequence[Any], completion_ids: Sequence[Sequence[int]],

@@ -12,7 +12,7 @@ def mix_into_reference(ref_model: nn.Module, policy: nn.Module, alpha: float) ->
     """π_ref ← α·π_θ + (1 − α)·π_ref, parameter by parameter (matched by name)."""
     policy_parameters = dict(policy.named_parameters())
     for name, ref_parameter in ref_model.named_parameters():
-        ref_parameter.lerp_(policy_parameters[name].detach().to(ref_parameter.dtype), alpha)
+        ref_parameter.lerp_(policy_parameters[name].to(ref_parameter.dtype), alpha)
 
 
 class SyncRefModelCallback(TrainerCallback):

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from flywheel.trainer.batching import left_pad
+from flywheel.trainer.prompts import prompt_runs
 from flywheel.trainer.rollout_config import RolloutTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -53,17 +54,6 @@ class RolloutOutput:
     completion_ids: list[list[int]]
     logprobs: list[list[float]] | None
     truncated: list[bool]
-
-
-def prompt_runs(prompt_ids: list[list[int]]) -> list[tuple[list[int], int]]:
-    """Consecutive repeats of one prompt as (prompt, count): sampled with n=count, the prompt is prefilled once."""
-    runs: list[tuple[list[int], int]] = []
-    for ids in prompt_ids:
-        if runs and runs[-1][0] == ids:
-            runs[-1] = (ids, runs[-1][1] + 1)
-        else:
-            runs.append((ids, 1))
-    return runs
 
 
 class Rollout(ABC):
