@@ -78,7 +78,7 @@ def run_mode(mode: str, checkpoint: str, options: argparse.Namespace, workdir: P
         max_prompt_length=options.prompt_length, max_completion_length=options.max_completion_length,
         max_steps=options.warmup + options.steps, logging_steps=1, learning_rate=1e-6, bf16=on_gpu,
         use_cpu=not on_gpu, gradient_checkpointing=options.gradient_checkpointing, torch_compile=options.torch_compile,
-        pack_prompts=not options.no_pack_prompts, report_to="none",
+        pack_prompts=options.pack_prompts, report_to="none",
         save_strategy="no", disable_tqdm=True, seed=options.seed, **placement,
     )
     dataset = Dataset.from_dict({"prompt": random_prompts(options.prompts * (options.warmup + options.steps),
@@ -129,7 +129,7 @@ def report(options: argparse.Namespace, results: list[dict]) -> None:
               "gpu": torch.cuda.get_device_name(0) if on_gpu else None, "prompts": options.prompts,
               "num_generations": options.num_generations, "prompt_length": options.prompt_length,
               "max_completion_length": options.max_completion_length, "micro_batch": options.micro_batch,
-              "pack_prompts": not options.no_pack_prompts, "steps": options.steps, "results": results}
+              "pack_prompts": options.pack_prompts, "steps": options.steps, "results": results}
     Path(options.out).write_text(json.dumps(summary, indent=2))
 
     header = f"{'mode':<9} {'step s':>8} {'gen s':>8} {'reward s':>9} {'train s':>8} {'sync s':>8} {'vs none':>8}"
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="colocate engine's share")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--torch-compile", action="store_true", help="train a compiled model (both modes)")
-    parser.add_argument("--no-pack-prompts", action="store_true",
-                        help="train without packing each group behind one copy of its prompt (both modes)")
+    parser.add_argument("--pack-prompts", action="store_true",
+                        help="train each group packed behind one copy of its prompt (both modes)")
     parser.add_argument("--profile", action="store_true",
                         help="profile the last two timed steps (kernels per phase, then host functions)")
     parser.add_argument("--seed", type=int, default=0)

@@ -7,8 +7,9 @@ policy as `GRPOTrainer.compute_loss` runs it (bf16 weights, `completion_logps` w
 on the GPU: the forward alone to the last hidden state, the forward with the completion logprobs, and
 forward + backward; the optimizer step (AdamW) apart. Each micro-batch runs twice: with every prompt
 distinct, and in groups of `--num-generations` rows with one prompt, as a GRPO micro-batch holds them,
-packed behind one copy of it (`prompt_packing`, as the trainers run on a GPU; `--no-pack` runs the
-groups as distinct rows). `--compile` times a `torch.compile`d model. Prints a table last and writes JSON.
+packed behind one copy of it (`prompt_packing`, as the trainers run them with `pack_prompts=True`;
+`--no-pack` runs the groups as distinct rows). `--compile` times a `torch.compile`d model. Each
+measurement is printed as it ends (a first call's time includes any compile); a table last, and JSON.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from flywheel.trainer.prompt_packing import enable_packed_prompts
 
 
 def mean_ms(step: Callable[[], None], repeats: int) -> float:
-    step()  # warm-up
+    started = time.perf_counter()
+    step()  # warm-up (compiles, where anything does)
     torch.cuda.synchronize()
+    print(f"  {step.__name__}: first call {time.perf_counter() - started:.1f} s", flush=True)
     started = time.perf_counter()
     for _ in range(repeats):
         step()
@@ -79,6 +82,7 @@ def main() -> None:
                   "forward_logps_ms": mean_ms(forward_logps, args.repeats),
                   "forward_backward_ms": mean_ms(forward_backward, args.repeats)}
         result["train_s_per_step"] = result["forward_backward_ms"] * args.completions / rows / 1000
+        print(result, flush=True)
         results.append(result)
     optimizer_ms = mean_ms(optimizer.step, args.repeats)
     report = {"model_shape": args.model_shape, "gpu": torch.cuda.get_device_name(0), "compiled": args.compile,

@@ -11,7 +11,8 @@ lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lo
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("placement", [{}, dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.2)])
+@pytest.mark.parametrize("placement", [{}, dict(pack_prompts=True),
+                                       dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.2)])
 def test_reward_rises_on_gpu_in_bf16(tiny_checkpoints, tmp_path, placement):
     args = GRPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_generations=8,
@@ -24,10 +25,11 @@ def test_reward_rises_on_gpu_in_bf16(tiny_checkpoints, tmp_path, placement):
         trainer.train()
     finally:
         trainer.rollout.close()
-    assert trainer.model.config._attn_implementation == PACKED_ATTENTION  # each group trained in one packed row
+    # Packed: each group trained in one row.
+    assert (trainer.model.config._attn_implementation == PACKED_ATTENTION) == args.pack_prompts
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.25, [round(r, 3) for r in rewards]
     logged = trainer.state.log_history[-2]
-    if placement:
+    if args.use_vllm:
         # bf16 engine vs bf16-autocast trainer: close, not equal.
         assert logged["sampling/sampling_logp_difference/mean"] < 0.05

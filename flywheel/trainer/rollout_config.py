@@ -49,11 +49,13 @@ class RolloutTrainingArguments(TrainingArguments):
         },
     )
     pack_prompts: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "On a GPU, run each prompt once for all its completions in the training forward: they are "
             "packed behind it under a FlexAttention block mask, which gives an sdpa model the 'flywheel_packed' "
-            "attention (sdpa for its other forwards). The CPU shares a prompt's forward through a cache either way."
+            "attention (sdpa for its other forwards). Pays where prompts are long against completions; with "
+            "torch_compile the first step compiles several minutes longer. The CPU shares a prompt's forward "
+            "through a cache either way."
         },
     )
 
