@@ -120,19 +120,6 @@ def test_a_group_shares_one_prompt_forward_with_the_same_logps_and_gradient(hf_m
     assert_same_scores(shared, logps_and_gradient(model, grouped_batch(), [slice(row, row + 1) for row in range(6)]))
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama"])
-def test_packed_groups_score_as_their_rows_alone(hf_models, name):
-    # On the CPU FlexAttention has no backward: this checks the packing's scores, the GPU test its gradient.
-    model = copy.deepcopy(hf_models[name])
-    alone = logps_and_gradient(model, grouped_batch(), [slice(row, row + 1) for row in range(6)], gradient=False)
-    assert enable_packed_prompts(model) and packs_prompts(torch.nn.Sequential(model))
-    forwards = count_forwards(model)
-    packed = logps_and_gradient(model, grouped_batch(), [slice(0, 6)], gradient=False)
-    assert len(forwards) == 1
-    assert_same_scores(packed, alone)
-
-
-
 def random_grouped_batch(generator: torch.Generator):
     """1-4 groups of 1-4 rows; prompts of 1-11 real tokens, left-padded; completions of 0-19 tokens."""
     def draw(low: int, high: int) -> int:
@@ -166,12 +153,12 @@ def test_random_packed_batches_score_as_their_rows(hf_models, name):
         for got, expected in zip(packed, rows):
             torch.testing.assert_close(got * completion_mask, expected * completion_mask, atol=1e-5, rtol=0)
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "llama"])
-def test_packed_groups_train_as_their_rows_alone_on_gpu(hf_models, name):
-    model = copy.deepcopy(hf_models[name]).cuda()
+def test_packed_groups_train_as_their_rows_alone(hf_models, name, device):
+    model = copy.deepcopy(hf_models[name]).to(device)
     alone = logps_and_gradient(model, grouped_batch(), [slice(row, row + 1) for row in range(6)])
-    assert enable_packed_prompts(model)
+    assert enable_packed_prompts(model) and packs_prompts(torch.nn.Sequential(model))
     model.train()
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     forwards = count_forwards(model)
@@ -180,9 +167,8 @@ def test_packed_groups_train_as_their_rows_alone_on_gpu(hf_models, name):
     assert_same_scores(packed, alone)
 
 
-@pytest.mark.parametrize("overrides", [dict(attention_dropout=0.1), dict(use_sliding_window=True, sliding_window=4,
-                                                                        max_window_layers=1), dict()])
-def test_models_that_flex_attention_would_change_keep_their_attention(overrides):
+@pytest.mark.parametrize("overrides", [dict(use_sliding_window=True, sliding_window=4, max_window_layers=1), dict()])
+def test_models_without_full_sdpa_attention_keep_their_attention(overrides):
     settings = {**tiny_config("qwen2").to_dict(), "layer_types": None, **overrides}  # layer types derived anew
     implementation = "sdpa" if overrides else "eager"
     model = AutoModelForCausalLM.from_config(Qwen2Config(**settings), attn_implementation=implementation)

@@ -143,12 +143,10 @@ def _chunk_logps(model: nn.Module, prompt_ids: torch.Tensor, attention_mask: tor
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     groups = _prompt_groups(prompt_ids, attention_mask[:, :prompt_ids.size(1)]) if share_prompts else None
     if groups is not None and completion_ids.size(1) >= 2 and packs_prompts(model):
-        packed = packed_completion_logits(model, prompt_ids, attention_mask, position_ids, completion_ids, *groups)
-        first, later = score(packed.first_logits, packed.first_targets), score(packed.logits, packed.targets)
-        entropy = packed.unpack(first[1], later[1]) if first[1] is not None else None
-        return packed.unpack(first[0], later[0]), entropy
-    parts = [score(logits, ids) for logits, ids in _completion_logits(model, prompt_ids, attention_mask, position_ids,
-                                                                     completion_ids, groups)]
+        spans = packed_completion_logits(model, prompt_ids, attention_mask, position_ids, completion_ids, *groups)
+    else:
+        spans = _completion_logits(model, prompt_ids, attention_mask, position_ids, completion_ids, groups)
+    parts = [score(logits, ids) for logits, ids in spans]
     entropy = _side_by_side([entropy for _, entropy in parts]) if parts[0][1] is not None else None
     return _side_by_side([logps for logps, _ in parts]), entropy
 

@@ -151,11 +151,11 @@ class OnlineTrainer(Trainer):
         return model
 
     def prepare_forward(self, model: PreTrainedModel) -> None:
-        """Dropout off if asked (`disable_dropout`); on a GPU, a batch's groups scored in packed forwards
-        (`prompt_packing`)."""
+        """Dropout off if asked (`disable_dropout`); a batch's groups scored in packed forwards if asked
+        (`pack_prompts`)."""
         if self.args.disable_dropout:
             disable_dropout(model)
-        if self.args.pack_prompts and self.args.device.type == "cuda":
+        if self.args.pack_prompts:
             enable_packed_prompts(model)
 
     def mode(self) -> str:

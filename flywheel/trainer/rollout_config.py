@@ -51,12 +51,11 @@ class RolloutTrainingArguments(TrainingArguments):
     pack_prompts: bool = field(
         default=False,
         metadata={
-            "help": "On a GPU, run each prompt once for all its completions in the training forward: they are "
-            "packed behind it under a FlexAttention block mask, which gives an sdpa model the 'flywheel_packed' "
-            "attention (sdpa for its other forwards). The longer the prompts against their completions, the more "
-            "tokens it saves; at 128-token prompts and 256-token completions it trained no faster on an H200, and "
-            "with torch_compile its first step compiled minutes longer. The CPU shares a prompt's forward through "
-            "a cache either way."
+            "help": "Run each prompt once for all its completions in the training forward: a batch becomes one "
+            "sequence of its distinct prompts and every completion, and attention splits it back (the "
+            "'flywheel_packed' attention, given to an sdpa model with full attention; sdpa for its other forwards). "
+            "The longer the prompts against their completions, the more tokens it saves. Without it the CPU "
+            "shares a prompt's forward through a cache, except under gradient checkpointing."
         },
     )
 
