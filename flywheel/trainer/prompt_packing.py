@@ -82,8 +82,7 @@ def packed_completion_logits(model: nn.Module, prompt_ids: torch.Tensor, attenti
 
     `attention_mask` and `position_ids` [B, P + C] cover the left-padded prompts and right-padded
     completions; `first_rows` [G] is each group's first row and `prompt_of_row` [B] each row's group.
-    Returns the logits that predict the completion tokens as (logits [B, n, V], token ids [B, n])
-    column spans: each row's first token, then the rest.
+    Returns the logits that predict the completion tokens as one (logits [B, C, V], token ids [B, C]) span.
     """
     rows, prompt_width = prompt_ids.shape
     groups, device = len(first_rows), prompt_ids.device
@@ -99,11 +98,12 @@ def packed_completion_logits(model: nn.Module, prompt_ids: torch.Tensor, attenti
     own = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     row_mask = torch.cat([prompt_keys.index_select(0, prompt_of_row)[:, None, :].expand(rows, width, prompt_width),
                           own.expand(rows, width, width)], dim=-1)
-    # Logits at each prompt's last token (every row's first completion token) and at every completion input.
-    prompt_ends = torch.arange(1, groups + 1, device=device) * prompt_width - 1
-    kept = torch.cat([prompt_ends, torch.arange(groups * prompt_width, input_ids.numel(), device=device)])
+    # Each row's logits: at its prompt's last token (its first completion token), then at its completion
+    # inputs; one [B, C] gather, so the logits and their gradient stay one tensor.
+    prompt_ends = (prompt_of_row + 1) * prompt_width - 1
+    row_inputs = groups * prompt_width + torch.arange(rows * width, device=device).view(rows, width)
+    kept = torch.cat([prompt_ends[:, None], row_inputs], dim=1).view(-1)
     logits = model(input_ids=input_ids[None], attention_mask=prompt_mask[:, None], position_ids=positions[None],
                    use_cache=False, logits_to_keep=kept, packed_prompt_of_row=prompt_of_row,
-                   packed_row_mask=row_mask[:, None]).logits[0]
-    first = logits[:groups].index_select(0, prompt_of_row)[:, None]
-    return [(first, completion_ids[:, :1]), (logits[groups:].view(rows, width, -1), completion_ids[:, 1:])]
+                   packed_row_mask=row_mask[:, None]).logits
+    return [(logits.view(rows, width + 1, -1), completion_ids)]
