@@ -25,7 +25,7 @@ def test_reward_rises_on_gpu_in_bf16(tiny_checkpoints, tmp_path, placement):
         trainer.train()
     finally:
         trainer.rollout.close()
-    # Packed: each group trained in one row.
+    # Packed: a micro-batch trained as one flat sequence, each prompt once.
     assert (trainer.model.config._attn_implementation == PACKED_ATTENTION) == args.pack_prompts
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.25, [round(r, 3) for r in rewards]
