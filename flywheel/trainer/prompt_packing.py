@@ -43,6 +43,7 @@ class PackedLayout:
     prompt_of_row: torch.Tensor  # [B] each row's group
     row_mask: torch.Tensor  # [B, 1, W, P + W] the keys each row's query sees: its prompt's, then its own
     key_index: torch.Tensor  # [G·P + B·(P + W)] the varlen keys: the prompts, then each row's prompt and own
+    key_read: torch.Tensor  # [G·P + B·(P + W), 1, 1] bool: the keys before the last segment's end
     cu_seq_q: torch.Tensor  # [G + B + 1] int32 segment starts in the sequence
     cu_seq_k: torch.Tensor  # [G + B + 1] int32 segment starts in the gathered keys
 
@@ -70,7 +71,8 @@ class PackedLayout:
         prompt_starts = torch.arange(groups + 1, device=device) * prompt_width
         cu_seq_q = torch.cat([prompt_starts, prompt_starts[-1] + torch.arange(1, rows + 1, device=device) * width])
         cu_seq_k = torch.cat([prompt_starts, prompt_starts[-1] + row_starts[1:]])
-        return PackedLayout(prompt_keys, prompt_of_row, row_mask, key_index, cu_seq_q.int(), cu_seq_k.int())
+        key_read = (torch.arange(len(key_index), device=device) < cu_seq_k[-1])[:, None, None]
+        return PackedLayout(prompt_keys, prompt_of_row, row_mask, key_index, key_read, cu_seq_q.int(), cu_seq_k.int())
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -98,8 +100,9 @@ def _varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       scaling: float | None) -> torch.Tensor:
     """[1, heads, N, dim] → [1, N, heads, dim] in one flash call over the layout's segments."""
     _, prompt_width, _, width = layout.shape
-    keys = key[0].transpose(0, 1).index_select(0, layout.key_index)
-    values = value[0].transpose(0, 1).index_select(0, layout.key_index)
+    # The kernel leaves the gradient of keys past the last segment unwritten: masked, it flows back as zeros.
+    keys, values = (torch.where(layout.key_read, states[0].transpose(0, 1).index_select(0, layout.key_index), 0)
+                    for states in (key, value))
     scale = {} if scaling is None or scaling == query.size(-1) ** -0.5 else {"scale": scaling}
     output = varlen_attn(query[0].transpose(0, 1), keys, values, layout.cu_seq_q, layout.cu_seq_k,
                          max(prompt_width, width), prompt_width + width, **scale, **_VARLEN_OPTIONS)
