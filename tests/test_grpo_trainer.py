@@ -6,7 +6,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from flywheel import GRPOConfig, GRPOTrainer
-
+from flywheel.trainer.gc_freeze import FreezeAfterFirstStep
 from flywheel.trainer.rewards import char_fraction_reward
 
 lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lowercase_fraction")
@@ -40,6 +40,8 @@ def test_reward_rises_with_transformers_generate(tiny_checkpoints, tmp_path):
     rewards = rewards_by_step(trainer)
     assert len(rewards) == 12
     assert_reward_rises(rewards)
+    assert any(isinstance(callback, FreezeAfterFirstStep) and callback.frozen
+               for callback in trainer.callback_handler.callbacks)
     last = trainer.state.log_history[-2]
     for key in ("reward_std", "rewards/lowercase_fraction/mean", "completions/mean_length", "completions/min_length",
                 "completions/max_length", "completions/clipped_ratio", "entropy", "clip_ratio/region_mean",

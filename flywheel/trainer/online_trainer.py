@@ -26,6 +26,7 @@ from transformers import (
 
 from flywheel.trainer.batching import left_pad, right_pad
 from flywheel.trainer.exit_teardown import destroy_gloo_group_at_exit
+from flywheel.trainer.gc_freeze import FreezeAfterFirstStep
 from flywheel.trainer.metrics import MetricsLog
 from flywheel.trainer.prompt_packing import enable_packed_prompts
 from flywheel.trainer.prompts import decode_completions, tokenize_prompts
@@ -132,6 +133,7 @@ class OnlineTrainer(Trainer):
         self._metrics_logged_step = 0
         self.eos_token_ids = self._eos_token_ids()
         destroy_gloo_group_at_exit(self)  # registered before the rollout's own exit hooks, so it runs after them
+        self.add_callback(FreezeAfterFirstStep())
         max_model_len = None
         if args.max_prompt_length is not None:
             max_model_len = args.max_prompt_length + args.max_completion_length
