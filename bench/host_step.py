@@ -6,8 +6,10 @@ with the model and the draw replaced by stand-ins.
 Everything the engine does per step on the host for the overlapped GPU decode (scheduling, block
 tables, step inputs, appending tokens and logprobs, stop checks) runs for real on a tiny model's
 engine; the forward pass returns nothing and the draw returns random tokens, so no CUDA call is
-timed. The rollout workload (64 prompts × n=8, 128 → 256 tokens) runs to the end; prints the host
-time per decode step, best of 3.
+timed. The rollout workload (64 prompts × n=8, 128 → 256 tokens) runs to the end through
+`LLM.generate`, as the colocated trainer calls it; prints the host time per decode step and the host
+time at the rollout's edges (before the prefill is launched, from it to the first decode step, from
+the last one to the outputs), best of 3.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class _Drawn:
         return sampler_module._draw_output(self.drawn, self.seqs)
 
 
-def stub_device_work(llm: LLM) -> None:
+def stub_device_work(llm: LLM) -> list[float]:
+    """Replace the forward pass and the draw; returns the list that gets the time of each forward launch."""
     engine = llm.engine
     vocab = engine.hf_config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -54,19 +57,27 @@ def stub_device_work(llm: LLM) -> None:
     sampler.draw_async = lambda logits, seqs: _Drawn(sampler._draw(logits, seqs, sampler._batch_sampling(seqs)), seqs)
     engine.overlap_decode = True
     engine.runner.backend = None  # the GPU's inputs: no CPU shared-prefix layout
-    engine.ranks.execute = lambda inputs: torch.empty(len(inputs.input_ids), 1)
+    launches = []
+
+    def execute(inputs):
+        launches.append(time.perf_counter())
+        return torch.empty(len(inputs.input_ids), 1)
+
+    engine.ranks.execute = execute
+    return launches
 
 
-def run_workload(llm: LLM, params: SamplingParams, rng: random.Random) -> tuple[float, int]:
-    engine = llm.engine
-    for index in range(64):
-        engine.add_request(f"r{index}-{rng.random()}", [rng.randrange(256) for _ in range(128)], params)
-    steps, start = 0, time.perf_counter()
-    while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
-    engine.reset_prefix_cache()
-    return time.perf_counter() - start, steps
+def run_workload(llm: LLM, params: SamplingParams, rng: random.Random, launches: list[float]) -> dict[str, float]:
+    """One rollout; its host seconds per decode step and at its edges."""
+    prompts = [[rng.randrange(256) for _ in range(128)] for _ in range(64)]
+    launches.clear()
+    start = time.perf_counter()
+    llm.generate(prompts, params)
+    end = time.perf_counter()
+    llm.reset_prefix_cache()
+    prefill, first_decode, last_decode = launches[0], launches[1], launches[-1]
+    return {"decode step": (last_decode - first_decode) / (len(launches) - 2), "before the prefill": prefill - start,
+            "prefill to first decode": first_decode - prefill, "last decode to outputs": end - last_decode}
 
 
 def main() -> None:
@@ -76,15 +87,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flywheel-host-step-") as tmp:
         llm = LLM(str(write_tiny_checkpoint(Path(tmp) / "model", "qwen2", seed=0)), kv_cache_memory_gb=1.0,
                   max_num_seqs=512, max_model_len=512)
-        stub_device_work(llm)
+        launches = stub_device_work(llm)
         params = SamplingParams(n=8, max_tokens=256, ignore_eos=True, detokenize=False,
                                 logprobs=None if options.no_logprobs else 0)
         rng = random.Random(0)
-        run_workload(llm, params, rng)  # warm-up
-        timings = [run_workload(llm, params, rng) for _ in range(3)]
-    seconds, steps = min(timings)
-    print(f"host per decode step: {seconds / steps * 1e3:.3f} ms (512 rows, {steps} steps, best of 3, "
-          f"logprobs={'none' if options.no_logprobs else 0})")
+        run_workload(llm, params, rng, launches)  # warm-up
+        timings = [run_workload(llm, params, rng, launches) for _ in range(3)]
+    best = {phase: min(timing[phase] for timing in timings) for phase in timings[0]}
+    print(f"host per decode step: {best.pop('decode step') * 1e3:.3f} ms (512 rows, best of 3, "
+          f"logprobs={'none' if options.no_logprobs else 0}); "
+          + ", ".join(f"{phase} {seconds * 1e3:.1f} ms" for phase, seconds in best.items()))
 
 
 if __name__ == "__main__":

@@ -32,19 +32,23 @@ class DecodeBlockTables:
             grown = torch.full((len(seqs), max(width, 2 * self.array.shape[1])), -1, dtype=torch.int32)
             grown[:, : self.array.shape[1]] = self.array
             self.array = grown
-        versions, lengths = self.versions, self.lengths
+        versions, lengths, full_width = self.versions, self.lengths, self.array.shape[1]
         rows, columns, values = [], [], []
+        new_rows, new_tables = [], []
         for row, seq in enumerate(seqs):
             if versions[row] != seq.table_version:
                 table, known = seq.block_table, lengths[row]
-                if known < 0:  # new to the batch: the whole row
-                    start, end = 0, self.array.shape[1]
+                if known < 0:  # new to the batch: the whole row, written with the other new ones
+                    new_rows.append(row)
+                    new_tables.append(table + [-1] * (full_width - len(table)))
                 else:
                     start, end = max(0, min(known, len(table)) - 1), max(known, len(table))
-                rows += [row] * (end - start)
-                columns += range(start, end)
-                values += table[start:end] + [-1] * (end - max(start, len(table)))
+                    rows += [row] * (end - start)
+                    columns += range(start, end)
+                    values += table[start:end] + [-1] * (end - max(start, len(table)))
                 versions[row], lengths[row] = seq.table_version, len(table)
+        if new_rows:
+            self.array[new_rows] = torch.tensor(new_tables, dtype=torch.int32)
         if rows:
             self.array[rows, columns] = torch.tensor(values, dtype=torch.int32)
         return self.array[:, :width]

@@ -63,13 +63,6 @@ class BlockManager:
         block.hash, block.token_ids, block.ref_count = None, [], 1
         return block
 
-    def _release(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        block.ref_count -= 1
-        if block.ref_count == 0:
-            # Keep the hash: the block stays reusable until it is handed out again.
-            self.free_block_ids[block_id] = None
-
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix of ``seq``'s full blocks."""
         if not self.enable_prefix_caching:
@@ -113,8 +106,14 @@ class BlockManager:
             self.blocks[block_id].ref_count += 1
 
     def free(self, seq: Sequence) -> None:
+        # One pass without a call per block: a rollout's end frees every block of 512 rows at once.
+        blocks, free_block_ids = self.blocks, self.free_block_ids
         for block_id in reversed(seq.block_table):
-            self._release(block_id)
+            block = blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                # Keep the hash: the block stays reusable until it is handed out again.
+                free_block_ids[block_id] = None
         seq.block_table = []
         seq.table_version += 1
         seq.num_cached_tokens = 0

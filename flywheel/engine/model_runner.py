@@ -217,25 +217,28 @@ class ModelRunner:
         ``input_ids`` (the previous step's sampled ids, still on the device)."""
         if not batch.is_prefill:
             return self._prepare_decode(batch, input_ids)
-        input_ids, positions, slots, seq_lens, logits_indices = [], [], [], [], []
+        input_ids, positions, seq_lens, logits_indices = [], [], [], []
         cu_seqlens_q = [0]
-        block_size = self.block_size
         for seq in batch.seqs:
             start = seq.num_cached_tokens
-            new_positions = range(start, len(seq))
             input_ids.extend(seq.token_ids[start:])
-            positions.extend(new_positions)
-            slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in new_positions)
+            positions.extend(range(start, len(seq)))
             seq_lens.append(len(seq))
             cu_seqlens_q.append(cu_seqlens_q[-1] + len(seq) - start)
             logits_indices.extend([cu_seqlens_q[-1] - 1] * (1 + len(seq.pending_forks)))
+        positions = torch.tensor(positions, dtype=torch.long)
+        block_tables = self._block_tables(batch)
+        # Each new token's cache slot: its block in its sequence's table, then its offset in the block.
+        new_tokens = torch.tensor(cu_seqlens_q).diff()
+        rows = torch.repeat_interleave(torch.arange(len(batch.seqs)), new_tokens)
+        blocks = block_tables[rows, positions // self.block_size].long()
         return StepInputs(
             is_prefill=True,
             input_ids=torch.tensor(input_ids, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            positions=positions,
+            slot_mapping=blocks * self.block_size + positions % self.block_size,
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=self._block_tables(batch),
+            block_tables=block_tables,
             logits_indices=torch.tensor(logits_indices, dtype=torch.long),
             cu_seqlens_q=torch.tensor(cu_seqlens_q, dtype=torch.int32),
             max_seq_len=max(seq_lens),
