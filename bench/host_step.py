@@ -83,19 +83,22 @@ def run_workload(llm: LLM, params: SamplingParams, rng: random.Random, launches:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-logprobs", action="store_true", help="sample without logprobs=0")
+    parser.add_argument("--eos", action="store_true",
+                        help="stop at EOS, which the random draw hits once in ~260 tokens: rows leave the batch "
+                             "every step or two, as in a trained policy's rollout")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="flywheel-host-step-") as tmp:
         llm = LLM(str(write_tiny_checkpoint(Path(tmp) / "model", "qwen2", seed=0)), kv_cache_memory_gb=1.0,
                   max_num_seqs=512, max_model_len=512)
         launches = stub_device_work(llm)
-        params = SamplingParams(n=8, max_tokens=256, ignore_eos=True, detokenize=False,
+        params = SamplingParams(n=8, max_tokens=256, ignore_eos=not options.eos, detokenize=False,
                                 logprobs=None if options.no_logprobs else 0)
         rng = random.Random(0)
         run_workload(llm, params, rng, launches)  # warm-up
         timings = [run_workload(llm, params, rng, launches) for _ in range(3)]
     best = {phase: min(timing[phase] for timing in timings) for phase in timings[0]}
     print(f"host per decode step: {best.pop('decode step') * 1e3:.3f} ms (512 rows, best of 3, "
-          f"logprobs={'none' if options.no_logprobs else 0}); "
+          f"logprobs={'none' if options.no_logprobs else 0}{', EOS' if options.eos else ''}); "
           + ", ".join(f"{phase} {seconds * 1e3:.1f} ms" for phase, seconds in best.items()))
 
 
