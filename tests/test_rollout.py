@@ -42,6 +42,18 @@ def test_split_batch_trims_padding_per_micro_batch():
     assert second["advantages"].tolist() == [2.0, 3.0] and second["tokens_per_micro_batch"] == 3.0
 
 
+def test_padding_keeps_each_dtype_and_takes_empty_rows():
+    logps, mask = right_pad([[-0.5, -1.25], [], [-2.0]], 0.0, "cpu", dtype=torch.float32)
+    assert logps.dtype == torch.float32 and logps.tolist() == [[-0.5, -1.25], [0.0, 0.0], [-2.0, 0.0]]
+    assert mask.tolist() == [[1, 1], [0, 0], [1, 0]]
+    ids, _ = left_pad([[2**40, 7], [3]], -1, "cpu")
+    assert ids.tolist() == [[2**40, 7], [-1, 3]]
+    empty, empty_mask = right_pad([[], []], 0, "cpu")
+    assert empty.shape == empty_mask.shape == (2, 0)
+    halves, _ = right_pad([[0.5], [1.5, 2.5]], 0.0, "cpu", dtype=torch.bfloat16)
+    assert halves.dtype == torch.bfloat16 and halves.tolist() == [[0.5, 0.0], [1.5, 2.5]]
+
+
 def test_transformers_rollout_stops_at_eos_and_flags_truncation(tiny_checkpoints):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"]).train()
     torch.manual_seed(0)

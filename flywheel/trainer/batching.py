@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from array import array
 from itertools import chain
 from typing import Any
 
 import torch
+
+# Python numbers into a C array, then one tensor over its buffer: about half the time of torch.tensor(list).
+_ARRAY_TYPECODES = {torch.long: "q", torch.float32: "f", torch.float64: "d"}
 
 def left_pad(sequences: list[list[int]], pad_value: float, device: torch.device | str,
              dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +31,11 @@ def _pad(sequences: list[list[float]], pad_value: float, device: torch.device | 
     mask = columns >= width - lengths[:, None] if left else columns < lengths[:, None]
     values = torch.full((len(sequences), width), pad_value, dtype=dtype)
     # The mask's entries in row-major order are the sequences' entries, one after another.
-    values[mask] = torch.tensor(list(chain.from_iterable(sequences)), dtype=dtype)
+    entries = chain.from_iterable(sequences)
+    if dtype in _ARRAY_TYPECODES and int(lengths.sum()):
+        values[mask] = torch.frombuffer(array(_ARRAY_TYPECODES[dtype], entries), dtype=dtype)
+    else:
+        values[mask] = torch.tensor(list(entries), dtype=dtype)
     return values.to(device), mask.long().to(device)
 
 
