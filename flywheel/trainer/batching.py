@@ -11,6 +11,7 @@ import torch
 # Python numbers into a C array, then one tensor over its buffer: about half the time of torch.tensor(list).
 _ARRAY_TYPECODES = {torch.long: "q", torch.float32: "f", torch.float64: "d"}
 
+
 def left_pad(sequences: list[list[int]], pad_value: float, device: torch.device | str,
              dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded values [B, L] and mask (1 on real entries)."""

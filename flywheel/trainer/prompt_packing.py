@@ -88,12 +88,15 @@ if "enable_gqa" in _VARLEN_PARAMETERS:
     _VARLEN_OPTIONS["enable_gqa"] = True
 
 
+_TAKES_SCALE = "scale" in _VARLEN_PARAMETERS
+_FLASH_VARLEN = varlen_attn is not None and torch.backends.cuda.is_flash_attention_available()
+
+
 def _runs_flash_varlen(query: torch.Tensor, scaling: float | None) -> bool:
     """Whether the flash kernel takes this attention (half precision on a GPU, and a scale it can apply)."""
     default_scale = scaling is None or scaling == query.size(-1) ** -0.5
-    return (varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-            and query.size(-1) <= 256 and torch.backends.cuda.is_flash_attention_available()
-            and ("scale" in _VARLEN_PARAMETERS or default_scale))
+    return (_FLASH_VARLEN and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and query.size(-1) <= 256 and (_TAKES_SCALE or default_scale))
 
 
 def _varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: PackedLayout,
@@ -103,7 +106,7 @@ def _varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     # The kernel leaves the gradient of keys past the last segment unwritten: masked, it flows back as zeros.
     keys, values = (torch.where(layout.key_read, states[0].transpose(0, 1).index_select(0, layout.key_index), 0)
                     for states in (key, value))
-    scale = {} if scaling is None or scaling == query.size(-1) ** -0.5 else {"scale": scaling}
+    scale = {"scale": scaling} if _TAKES_SCALE and scaling is not None else {}
     output = varlen_attn(query[0].transpose(0, 1), keys, values, layout.cu_seq_q, layout.cu_seq_k,
                          max(prompt_width, width), prompt_width + width, **scale, **_VARLEN_OPTIONS)
     return output[None]
