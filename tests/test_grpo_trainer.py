@@ -96,6 +96,26 @@ def test_model_object_and_its_tokenizer_are_accepted(tiny_checkpoints, tmp_path)
     assert {"eval_reward", "eval_completions/mean_length", "eval_time/generation"} <= set(trainer.state.log_history[-1])
 
 
+def test_rewards_are_computed_after_the_first_training_forward_is_launched(tiny_checkpoints, tmp_path):
+    events = []
+
+    def counting_reward(prompts, completions, **kwargs):
+        events.append("reward")
+        return lowercase_fraction(completions=completions, **kwargs)
+
+    args = learning_args(tmp_path, per_device_train_batch_size=8, num_generations=4, max_steps=2,
+                         gradient_accumulation_steps=2)
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=counting_reward, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["a", "b", "c", "d"] * 4}))
+    trainer.model.register_forward_hook(lambda *_: events.append("forward") if trainer.model.training else None)
+    trainer.train()
+    # Per optimizer step, one generation of 16 completions, scored once: after the first micro-batch's forward
+    # (on the CPU a micro-batch is two forwards: each prompt once, then its completions).
+    micro_batch = ["forward", "forward"]
+    assert events == (micro_batch + ["reward"] + micro_batch) * 2, events
+    assert all(entry["time/reward"] > 0 for entry in trainer.state.log_history if "time/reward" in entry)
+
+
 def test_gspo_with_two_sided_clipping_learns_off_policy(tiny_checkpoints, tmp_path):
     # Each generation trains two micro-steps, each its own optimizer step: the second is off-policy.
     args = learning_args(tmp_path, per_device_train_batch_size=8, steps_per_generation=2, loss_type="grpo",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,24 @@ from flywheel.trainer.rewards import (
 from flywheel.trainer.sampler import RepeatSampler
 
 logger = logging.getLogger(__name__)
+
+
+class DeferredAdvantages:
+    """A generation batch's advantages, computed when first asked for.
+
+    The loss asks after it has launched its micro-batch's forward pass: decoding the completions and
+    calling the reward functions on the host then overlaps that pass on the GPU instead of leaving
+    the GPU idle between generation and training.
+    """
+
+    def __init__(self, compute: Callable[[], torch.Tensor]) -> None:
+        self._compute: Callable[[], torch.Tensor] | None = compute
+        self._advantages: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self._compute is not None:
+            self._advantages, self._compute = self._compute(), None
+        return self._advantages
 
 
 class GRPOTrainer(OnlineTrainer):
@@ -128,8 +147,11 @@ class GRPOTrainer(OnlineTrainer):
         args = self.args
         prompts = [row["prompt"] for row in rows]
         generated = self.generate(prompts, mode)
-        with self.metrics.timed(mode, "reward"):
-            advantages = self._advantages(rows, generated, mode)
+
+        def score() -> torch.Tensor:
+            with self.metrics.timed(mode, "reward"):
+                return self._advantages(rows, generated, mode)
+
         loss_mask = generated.completion_mask
         if args.mask_truncated_completions:
             loss_mask = loss_mask * (~generated.truncated).unsqueeze(1)
@@ -141,7 +163,9 @@ class GRPOTrainer(OnlineTrainer):
             "completion_ids": generated.completion_ids_padded,
             "completion_mask": generated.completion_mask,
             "loss_mask": loss_mask,
-            "advantages": advantages,
+            "advantages": DeferredAdvantages(score),
+            # Each row's place in the batch, to read its advantage (split into micro-batches like the tensors).
+            "rows": torch.arange(len(rows), device=loss_mask.device),
             # dapo's normaliser: the tokens of an average micro-batch of one process.
             "tokens_per_micro_batch": total_tokens / (self.accelerator.num_processes * micro_batches),
         }
@@ -172,15 +196,16 @@ class GRPOTrainer(OnlineTrainer):
         rewards = combine_rewards(rewards_per_func, self.reward_weights)
         advantages, group_std = group_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
 
-        self.metrics.add(mode, "reward", rewards.mean().item())
-        self.metrics.add(mode, "reward_std", group_std.mean().item())
-        self.metrics.add(mode, "frac_reward_zero_std", (group_std < 1e-6).float().mean().item())
+        # Recorded as tensors: reading them here would wait for the forward pass queued before scoring.
+        self.metrics.add(mode, "reward", rewards.mean())
+        self.metrics.add(mode, "reward_std", group_std.mean())
+        self.metrics.add(mode, "frac_reward_zero_std", (group_std < 1e-6).float().mean())
         for column, func in enumerate(self.reward_funcs):
             values = rewards_per_func[:, column]
-            values = values[~torch.isnan(values)]
+            real = ~torch.isnan(values)
             name = reward_func_name(func)
-            self.metrics.add(mode, f"rewards/{name}/mean", values.mean().item() if values.numel() else float("nan"))
-            self.metrics.add(mode, f"rewards/{name}/std", values.std().item() if values.numel() > 1 else float("nan"))
+            self.metrics.add(mode, f"rewards/{name}/mean", values.nanmean())
+            self.metrics.add(mode, f"rewards/{name}/std", _nan_std(values, real))
         if self.args.log_completions:
             self._remember_completions(generated, rewards)
 
@@ -239,6 +264,7 @@ class GRPOTrainer(OnlineTrainer):
         logps, entropy = completion_logps(model, inputs["prompt_ids"], inputs["prompt_mask"],
                                           inputs["completion_ids"], inputs["completion_mask"],
                                           temperature=args.temperature, with_entropy=True)
+        advantages = inputs["advantages"]()[inputs["rows"]]  # scored while the GPU runs the forward pass
         mask = inputs["completion_mask"]
         old_logps = inputs.get("old_logps", logps.detach())
         importance_weights = inputs.get("importance_weights")
@@ -248,7 +274,7 @@ class GRPOTrainer(OnlineTrainer):
         if args.top_entropy_quantile < 1.0:
             entropy_mask = self._high_entropy_mask(entropy.detach(), inputs["loss_mask"])
         loss, stats = grpo_loss(
-            logps, old_logps, inputs["advantages"], inputs["loss_mask"], loss_type=args.loss_type,
+            logps, old_logps, advantages, inputs["loss_mask"], loss_type=args.loss_type,
             epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
             importance_sampling_level=args.importance_sampling_level, delta=args.delta, beta=args.beta,
             ref_logps=inputs.get("ref_logps"), importance_weights=importance_weights, entropy_mask=entropy_mask,
@@ -263,3 +289,11 @@ class GRPOTrainer(OnlineTrainer):
             self.log_mean(mode, "sampling/sampling_logp_difference/mean", masked_mean(gap, mask))
             self.log_mean(mode, "sampling/sampling_logp_difference/max", masked_extremes(gap, mask)[1])
         return loss
+
+
+def _nan_std(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The sample standard deviation of `values[real]`, NaN with fewer than two values (no host sync)."""
+    count = real.sum()
+    mean = torch.where(real, values, 0.0).sum() / count.clamp(min=1)
+    squares = torch.where(real, (values - mean) ** 2, 0.0).sum()
+    return torch.where(count > 1, squares / (count - 1).clamp(min=1), float("nan")).sqrt()

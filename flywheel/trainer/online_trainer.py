@@ -7,8 +7,9 @@ completion-length and phase-time metrics, and logging them with the Trainer's ow
 from __future__ import annotations
 
 import copy
+import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MethodType
 from typing import Any
 
@@ -39,7 +40,6 @@ class Generated:
     """This process's completions of one rollout, as lists and as padded tensors."""
 
     prompts: list[Any]
-    completions: list[Any]
     completion_ids: list[list[int]]
     truncated: torch.Tensor  # [B] bool
     sampling_logps: torch.Tensor | None  # [B, C] the generator's logprobs, 0 on padding
@@ -47,6 +47,12 @@ class Generated:
     prompt_mask: torch.Tensor
     completion_ids_padded: torch.Tensor  # [B, C] right-padded
     completion_mask: torch.Tensor
+    tokenizer: PreTrainedTokenizerBase = field(repr=False)
+
+    @functools.cached_property
+    def completions(self) -> list[Any]:
+        """The completion texts (messages for conversational prompts), decoded when first read."""
+        return decode_completions(self.prompts, self.completion_ids, self.tokenizer)
 
 
 def identity_collator(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -181,7 +187,6 @@ class OnlineTrainer(Trainer):
             sampling_logps, _ = right_pad(output.logprobs, 0, device, dtype=torch.float32)
         generated = Generated(
             prompts=list(prompts),
-            completions=decode_completions(prompts, output.completion_ids, self.processing_class),
             completion_ids=output.completion_ids,
             truncated=torch.tensor(output.truncated, dtype=torch.bool, device=device),
             sampling_logps=sampling_logps,
@@ -189,6 +194,7 @@ class OnlineTrainer(Trainer):
             prompt_mask=prompt_mask,
             completion_ids_padded=completion_tensor,
             completion_mask=completion_mask,
+            tokenizer=self.processing_class,
         )
         self._log_lengths(mode, generated)
         return generated
