@@ -17,21 +17,34 @@ import triton.language as tl
 
 # The largest finite float32: a running maximum that starts here never turns exp() into nan.
 _LOWEST = tl.constexpr(-3.0e38)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 _CHUNK = 2048  # columns per loop iteration of a part: four quarters of one Philox call each
 _MAX_PARTS = 16
 _TARGET_PROGRAMS = 2048
 
 
 @triton.jit
-def _fold(x, cols, n_cols, u, inv_t, greedy, m, s, best_score, best_z, best_col):
-    """Fold one quarter-chunk into per-lane running states: elementwise, no reduction in the loop."""
-    z = tl.where(cols < n_cols, x.to(tl.float32) * inv_t, float("-inf"))
-    score = tl.where(greedy, z, z - tl.log(-tl.log(u)))
-    new_m = tl.maximum(m, z)
-    s = s * tl.exp(m - new_m) + tl.exp(z - new_m)
+def _approx_log2(x):
+    # The PTX approximation (absolute error ~2^-22): a few instructions where the precise log takes
+    # dozens. Used for the outer log of the noise only, whose error then shifts a score by ~1e-7.
+    return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _scaled(base, cols, end, scale):
+    x = tl.load(base + cols, mask=cols < end, other=0.0)
+    return tl.where(cols < end, x.to(tl.float32) * scale, float("-inf"))
+
+
+@triton.jit
+def _keep_best(z, cols, u, greedy, best_score, best_z, best_col):
+    """Fold one quarter-chunk's noisy scores into the per-lane winners (the earlier column wins a tie)."""
+    # z is in base 2 (logit / T · log2 e): log2(e) · (z_e − ln(−ln u)) = z − log2(−ln u), the same argmax.
+    # The inner log stays precise: for u near 1 it is tiny, and the approximation's error is not.
+    score = tl.where(greedy, z, z - _approx_log2(-tl.log(u)))
     better = score > best_score
-    return (new_m, s, tl.where(better, score, best_score), tl.where(better, z, best_z),
-            tl.where(better, cols, best_col))
+    return tl.where(better, score, best_score), tl.where(better, z, best_z), tl.where(better, cols, best_col)
 
 
 @triton.jit(do_not_specialize=["step_seed"])
@@ -44,7 +57,7 @@ def _draw_part_kernel(
     part = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
     greedy = temperature == 0.0
-    inv_t = tl.where(greedy, 1.0, 1.0 / temperature)
+    scale = tl.where(greedy, 1.0, 1.0 / temperature) * _LOG2E
     seed = step_seed + row
     if HAS_ROW_SEEDS:
         row_seed = tl.load(seeds_ptr + row)
@@ -66,23 +79,29 @@ def _draw_part_kernel(
         c1 = c0 + QUARTER
         c2 = c1 + QUARTER
         c3 = c2 + QUARTER
-        x0 = tl.load(base + c0, mask=c0 < end, other=0.0)
-        x1 = tl.load(base + c1, mask=c1 < end, other=0.0)
-        x2 = tl.load(base + c2, mask=c2 < end, other=0.0)
-        x3 = tl.load(base + c3, mask=c3 < end, other=0.0)
-        m, s, best_score, best_z, best_col = _fold(x0, c0, end, u0, inv_t, greedy, m, s, best_score, best_z, best_col)
-        m, s, best_score, best_z, best_col = _fold(x1, c1, end, u1, inv_t, greedy, m, s, best_score, best_z, best_col)
-        m, s, best_score, best_z, best_col = _fold(x2, c2, end, u2, inv_t, greedy, m, s, best_score, best_z, best_col)
-        m, s, best_score, best_z, best_col = _fold(x3, c3, end, u3, inv_t, greedy, m, s, best_score, best_z, best_col)
+        z0 = _scaled(base, c0, end, scale)
+        z1 = _scaled(base, c1, end, scale)
+        z2 = _scaled(base, c2, end, scale)
+        z3 = _scaled(base, c3, end, scale)
+        # The running sum of exp2(z − m) per lane, rescaled once per chunk rather than once per column.
+        new_m = tl.maximum(tl.maximum(m, tl.maximum(z0, z1)), tl.maximum(z2, z3))
+        s = (s * tl.exp2(m - new_m) + (tl.exp2(z0 - new_m) + tl.exp2(z1 - new_m))
+             + (tl.exp2(z2 - new_m) + tl.exp2(z3 - new_m)))
+        m = new_m
+        best_score, best_z, best_col = _keep_best(z0, c0, u0, greedy, best_score, best_z, best_col)
+        best_score, best_z, best_col = _keep_best(z1, c1, u1, greedy, best_score, best_z, best_col)
+        best_score, best_z, best_col = _keep_best(z2, c2, u2, greedy, best_score, best_z, best_col)
+        best_score, best_z, best_col = _keep_best(z3, c3, u3, greedy, best_score, best_z, best_col)
     part_max = tl.max(m, 0)
     top = tl.max(best_score, 0)
     # The first column among the lanes' winners, as argmax returns it.
     col = tl.min(tl.where(best_score == top, best_col, n_cols), 0)
     out = parts_ptr + (row * tl.num_programs(1) + part) * 4
-    tl.store(out, part_max + tl.log(tl.sum(s * tl.exp(m - part_max), 0)))
+    # The part's log-sum-exp and the winner's z leave in natural units (the combine kernel's).
+    tl.store(out, (part_max + tl.log2(tl.sum(s * tl.exp2(m - part_max), 0))) * _LN2)
     tl.store(out + 1, top)
     tl.store(out + 2, col.to(tl.float32))
-    tl.store(out + 3, tl.max(tl.where(best_col == col, best_z, float("-inf")), 0))
+    tl.store(out + 3, tl.max(tl.where(best_col == col, best_z, float("-inf")), 0) * _LN2)
 
 
 @triton.jit
