@@ -30,11 +30,11 @@ from flywheel.testing import write_tiny_checkpoint
 class _Drawn:
     """A draw that is already on the host, standing in for `PendingDraw`."""
 
-    def __init__(self, drawn: torch.Tensor, seqs) -> None:
-        self.token_ids, self.drawn, self.seqs = drawn[0].long(), drawn, seqs
+    def __init__(self, drawn: torch.Tensor) -> None:
+        self.token_ids, self.drawn = drawn[0].long(), drawn
 
     def result(self):
-        return sampler_module._draw_output(self.drawn, self.seqs)
+        return sampler_module._draw_output(self.drawn)
 
 
 def stub_device_work(llm: LLM) -> list[float]:
@@ -54,7 +54,7 @@ def stub_device_work(llm: LLM) -> list[float]:
 
     sampler = engine.sampler
     sampler.draw_tokens = draw
-    sampler.draw_async = lambda logits, seqs: _Drawn(sampler._draw(logits, seqs, sampler._batch_sampling(seqs)), seqs)
+    sampler.draw_async = lambda logits, seqs: _Drawn(sampler._draw(logits, seqs, sampler._batch_sampling(seqs)))
     engine.overlap_decode = True
     engine.runner.backend = None  # the GPU's inputs: no CPU shared-prefix layout
     launches = []

@@ -75,8 +75,8 @@ def test_no_logprobs_unless_asked(llm):
 
 def test_token_logprobs_read_as_one_dict_per_token_sampled_first():
     logprobs = TokenLogprobs(num_top=2)
-    logprobs.append(7, -0.5, ([7, 3], [-0.5, -1.5], 1))  # the sampled token is also the most likely
-    logprobs.append(4, -2.0, ([1, 3], [-0.2, -1.9], 3))
+    logprobs.append(7, -0.5, 1, ([7, 3], [-0.5, -1.5]))  # the sampled token is also the most likely
+    logprobs.append(4, -2.0, 3, ([1, 3], [-0.2, -1.9]))
     expected = [{7: Logprob(-0.5, 1), 3: Logprob(-1.5, 2)},
                 {4: Logprob(-2.0, 3), 1: Logprob(-0.2, 1), 3: Logprob(-1.9, 2)}]
     assert len(logprobs) == 2 and logprobs == expected and list(logprobs) == expected
@@ -90,7 +90,7 @@ def test_token_logprobs_read_as_one_dict_per_token_sampled_first():
 
 def test_token_logprobs_without_top_k_hold_the_sampled_token_alone():
     logprobs = TokenLogprobs()
-    logprobs.append(9, -3.0, ((), (), 12))
-    logprobs.append(2, -0.1, ((), (), 1))
+    logprobs.append(9, -3.0, 12)
+    logprobs.append(2, -0.1, 1)
     assert logprobs == [{9: Logprob(-3.0, 12)}, {2: Logprob(-0.1, 1)}]
     assert logprobs.sampled == [-3.0, -0.1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
@@ -207,8 +208,6 @@ class LLMEngine:
                 seq.num_cached_tokens = len(seq)
                 self.block_manager.register_computed_blocks(seq)
                 self._fork(seq)
-        else:
-            self._mark_computed(batch.seqs)
         return self._drained_outputs() + self._finish_step(rows, sampled, stop_ids)
 
     def _step_in_flight(self) -> list[RequestOutput]:
@@ -219,18 +218,18 @@ class LLMEngine:
 
     def _complete(self, step: _InFlightDecode) -> list[RequestOutput]:
         """Wait for the tokens of a decode step in flight, then append them and check for stops."""
-        sampled = step.draw.result()
-        self._mark_computed(step.rows)
-        return self._finish_step(step.rows, sampled, step.stop_ids)
+        return self._finish_step(step.rows, step.draw.result(), step.stop_ids)
 
     def _launch_next_decode(self, previous: _InFlightDecode) -> None:
         """Launch the decode step after ``previous`` before its tokens are known, when that needs no
         preemption: every sequence of it that its pending token cannot end takes a placeholder."""
         running = SequenceStatus.RUNNING
-        # A sequence whose pending token reaches its length limit takes no further step.
-        kept = [row for row, seq in enumerate(previous.rows)
-                if seq.status is running and len(seq.token_ids) + 1 < seq.length_limit]
-        seqs = [previous.rows[row] for row in kept]
+        kept, seqs = [], []
+        for row, seq in enumerate(previous.rows):
+            # A sequence whose pending token reaches its length limit takes no further step.
+            if seq.status is running and len(seq.token_ids) + 1 < seq.length_limit:
+                kept.append(row)
+                seqs.append(seq)
         if not seqs or not self.sampler.can_draw_async(seqs):
             return
         for seq in seqs:
@@ -247,21 +246,8 @@ class LLMEngine:
         logits = self.ranks.execute(self.runner.prepare(batch, input_ids=ids))
         self._in_flight = _InFlightDecode(seqs, [seq.stop_token_ids for seq in seqs], self.sampler.draw_async(logits, seqs))
 
-    def _mark_computed(self, seqs: list[Sequence]) -> None:
-        """After a decode step: every token but a placeholder has its keys and values in the cache."""
-        block_size = self.block_manager.block_size
-        running = SequenceStatus.RUNNING
-        for seq in seqs:
-            if seq.status is not running:
-                continue
-            seq.num_cached_tokens = len(seq.token_ids) - (seq.token_ids[-1] == _PLACEHOLDER)
-            if seq.num_cached_tokens // block_size > seq.num_hashed_blocks:
-                self.block_manager.register_computed_blocks(seq)
-
     def _finish_step(self, rows: list[Sequence], sampled: SamplerOutput, stop_ids: list[set[int]]) -> list[RequestOutput]:
         finished = self._append_tokens(rows, sampled, stop_ids)
-        if any(seq.status is SequenceStatus.FINISHED for seq in rows):
-            self.scheduler.remove_finished()
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.prefix_cache_hit_tokens = self.block_manager.prefix_cache_hit_tokens
         return finished
@@ -289,34 +275,55 @@ class LLMEngine:
         return ids
 
     def _append_tokens(self, rows: list[Sequence], sampled: SamplerOutput, stop_ids: list[set[int]]) -> list[RequestOutput]:
+        """Put each row's sampled token in place of its placeholder (or after its tokens), mark the
+        positions whose keys and values are now in the cache, and finish the rows that stop.
+
+        One pass over the rows: it runs once per decode step for every sequence of the batch.
+        """
         finished_requests = []
         streamed: dict[str, _Request] = {}
         any_streamed = any(request.stream for request in self.requests.values())
         running = SequenceStatus.RUNNING
+        block_manager, block_size = self.block_manager, self.block_manager.block_size
         appended = 0
-        for row, seq in enumerate(rows):
+        any_finished = False
+        ranks = sampled.ranks or repeat(0)
+        tops = sampled.top or repeat(None)
+        for seq, token, logprob, rank, top, stops in zip(rows, sampled.token_ids, sampled.logprobs, ranks, tops,
+                                                         stop_ids):
             if seq.status is not running:
                 continue  # stopped or aborted while this step was in flight
-            token = sampled.token_ids[row]
-            if seq.token_ids[-1] == _PLACEHOLDER:
-                seq.token_ids[-1] = token
+            ids = seq.token_ids
+            # Every position before the placeholder (or the new token) has its keys and values cached now.
+            if ids[-1] == _PLACEHOLDER:
+                cached = len(ids) - 1
+                ids[-1] = token
             else:
-                seq.token_ids.append(token)
+                cached = len(ids)
+                ids.append(token)
+            seq.num_cached_tokens = cached
+            if cached // block_size > seq.num_hashed_blocks:
+                block_manager.register_computed_blocks(seq)
             appended += 1
-            seq.cumulative_logprob += sampled.logprobs[row]
+            seq.cumulative_logprob += logprob
             if seq.logprobs is not None:
-                seq.logprobs.append(token, sampled.logprobs[row], sampled.top_logprobs[row])
-            reason = self._finish_reason(seq, token, stop_ids[row])
-            if reason is not None:
-                seq.finish_reason = reason
-                self.scheduler.finish(seq)
-                request = self.requests.get(seq.request_id)
-                if request is not None and all(s.is_finished for s in request.seqs):
-                    finished_requests.append(self._request_output(self.requests.pop(seq.request_id)))
+                seq.logprobs.append(token, logprob, rank, top)
+            # Most rows go on: the full check only where a stop or the length limit is possible.
+            if token in stops or len(ids) >= seq.length_limit or seq.params.stop:
+                reason = self._finish_reason(seq, token, stops)
+                if reason is not None:
+                    any_finished = True
+                    seq.finish_reason = reason
+                    self.scheduler.finish(seq)
+                    request = self.requests.get(seq.request_id)
+                    if request is not None and all(s.is_finished for s in request.seqs):
+                        finished_requests.append(self._request_output(self.requests.pop(seq.request_id)))
             if any_streamed:
                 request = self.requests.get(seq.request_id)
                 if request is not None and request.stream:
                     streamed[request.request_id] = request
+        if any_finished:
+            self.scheduler.remove_finished()
         self.stats.generated_tokens += appended
         partial = [self._request_output(request, finished=False) for request in streamed.values()]
         return finished_requests + partial

@@ -28,13 +28,13 @@ class TokenLogprobs(Sequence[dict[int, Logprob]]):
         self._top_ids: list[int] = []  # num_top per token, most likely first
         self._top_logprobs: list[float] = []
 
-    def append(self, token_id: int, logprob: float, top: tuple[Sequence[int], Sequence[float], int]) -> None:
-        """Add a token; ``top`` is (top-k ids, their logprobs, the sampled token's rank)."""
-        top_ids, top_logprobs, rank = top
+    def append(self, token_id: int, logprob: float, rank: int,
+               top: tuple[Sequence[int], Sequence[float]] | None = None) -> None:
+        """Add a token: its logprob, its rank, and the top-k (ids, logprobs) when asked for."""
         self._sampled_entries.extend((token_id, logprob, rank))
-        if top_ids:
-            self._top_ids.extend(top_ids)
-            self._top_logprobs.extend(top_logprobs)
+        if top is not None:
+            self._top_ids.extend(top[0])
+            self._top_logprobs.extend(top[1])
 
     @property
     def sampled(self) -> list[float]:

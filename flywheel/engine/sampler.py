@@ -28,8 +28,10 @@ _seq_id = attrgetter("seq_id")
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]
-    # Per row: (top-k token ids, their logprobs, the sampled token's rank), when asked for.
-    top_logprobs: list[tuple[list[int] | tuple, list[float] | tuple, int] | None]
+    # Per row, when a row of the batch asked for logprobs: the sampled token's rank (1 = most likely),
+    # and the top-k (token ids, logprobs) where k > 0.
+    ranks: list[int] | None = None
+    top: list[tuple[list[int], list[float]] | None] | None = None
 
 
 @dataclass
@@ -78,15 +80,11 @@ def needs_processing(params, vocab_size: int) -> bool:
     )
 
 
-def _draw_output(drawn: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+def _draw_output(drawn: torch.Tensor) -> SamplerOutput:
     """The draw kernel's [ids, logprobs(, ranks)] rows (float64, on the host) for the engine."""
-    ids, logprobs = drawn[0].long().tolist(), drawn[1].tolist()
-    top = [None] * len(seqs)
-    if len(drawn) == 3:
-        # The sampled token's rank only: no top-k alternatives on this path.
-        top = [None if seq.params.logprobs is None else ((), (), rank)
-               for seq, rank in zip(seqs, drawn[2].long().tolist())]
-    return SamplerOutput(ids, logprobs, top)
+    # The sampled token's rank only: no top-k alternatives on this path.
+    ranks = drawn[2].long().tolist() if len(drawn) == 3 else None
+    return SamplerOutput(drawn[0].long().tolist(), drawn[1].tolist(), ranks)
 
 
 @dataclass
@@ -96,11 +94,10 @@ class PendingDraw:
     token_ids: torch.Tensor  # [rows] on the device
     host: torch.Tensor  # pinned; filled once ``copied`` completes
     copied: torch.cuda.Event
-    seqs: list[Sequence]
 
     def result(self) -> SamplerOutput:
         self.copied.synchronize()
-        return _draw_output(self.host, self.seqs)
+        return _draw_output(self.host)
 
 
 class Sampler:
@@ -124,7 +121,7 @@ class Sampler:
             banned = [(row, ids) for row, (seq, ids) in enumerate(zip(seqs, stop_ids))
                       if ids and seq.num_completion_tokens < seq.params.min_tokens]
         if self.draw_tokens is not None and batch.temperature_only and not banned:
-            return _draw_output(self._draw(logits, seqs, batch).cpu(), seqs)
+            return _draw_output(self._draw(logits, seqs, batch).cpu())
         return self._sample_processed(logits, seqs, batch, banned)
 
     def can_draw_async(self, seqs: list[Sequence]) -> bool:
@@ -140,7 +137,7 @@ class Sampler:
         host.copy_(drawn, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
-        return PendingDraw(drawn[0].long(), host, copied, seqs)
+        return PendingDraw(drawn[0].long(), host, copied)
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence], batch: BatchSampling) -> torch.Tensor:
         """The draw kernel's [ids, logprobs] (and the sampled tokens' ranks when asked for), float64 on the device."""
@@ -183,10 +180,10 @@ class Sampler:
             raw = torch.log_softmax(raw_logits, dim=-1)
             logprobs = torch.where(torch.tensor(want_raw, device=logits.device)[:, None], raw, processed_logprobs)
         sampled_logprobs = logprobs.gather(1, sampled[:, None])[:, 0]
-        top = self._top_logprobs(logprobs, sampled_logprobs, params)
+        ranks, top = self._top_logprobs(logprobs, sampled_logprobs, params)
         # One device-to-host transfer for the ids and their logprobs (ids are exact in float64).
         ids_and_logprobs = torch.stack([sampled.double(), sampled_logprobs.double()]).cpu().tolist()
-        return SamplerOutput([int(t) for t in ids_and_logprobs[0]], ids_and_logprobs[1], top)
+        return SamplerOutput([int(t) for t in ids_and_logprobs[0]], ids_and_logprobs[1], ranks, top)
 
     def _batch_sampling(self, seqs: list[Sequence]) -> BatchSampling:
         key = tuple(map(_seq_id, seqs))
@@ -289,14 +286,14 @@ class Sampler:
                 uniforms[row] = torch.rand((), dtype=torch.float64, device=self.device, generator=seq.generator)
         return uniforms
 
-    def _top_logprobs(self, logprobs: torch.Tensor, sampled_logprobs: torch.Tensor, params) -> list:
+    def _top_logprobs(self, logprobs: torch.Tensor, sampled_logprobs: torch.Tensor,
+                      params) -> tuple[list[int] | None, list[tuple[list[int], list[float]] | None] | None]:
+        """The sampled tokens' ranks and each row's top-k (ids, logprobs); (None, None) when no row asks."""
         wanted = [p.logprobs for p in params]
         if all(k is None for k in wanted):
-            return [None] * len(params)
+            return None, None
         k_max = max(k or 0 for k in wanted)
         ranks = (logprobs > sampled_logprobs[:, None]).sum(dim=-1) + 1
         top_values, top_ids = logprobs.topk(k_max, dim=-1) if k_max else (logprobs[:, :0], logprobs[:, :0].long())
         top_values, top_ids, ranks = top_values.tolist(), top_ids.tolist(), ranks.tolist()
-        return [
-            None if k is None else (top_ids[row][:k], top_values[row][:k], ranks[row]) for row, k in enumerate(wanted)
-        ]
+        return ranks, [(top_ids[row][:k], top_values[row][:k]) if k else None for row, k in enumerate(wanted)]
