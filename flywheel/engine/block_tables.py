@@ -21,6 +21,8 @@ class DecodeBlockTables:
         self.seq_ids: list[int] = []
         self.versions: list[int] = []
         self.lengths: list[int] = []
+        # Bumped whenever the array changes: a copy of it elsewhere knows when to refresh.
+        self.version = 0
 
     def update(self, seqs: list[Sequence]) -> torch.Tensor:
         """The tables of ``seqs`` in batch order, padded with -1 to the longest (a view of the mirror)."""
@@ -28,6 +30,7 @@ class DecodeBlockTables:
         seq_ids = [seq.seq_id for seq in seqs]
         if seq_ids != self.seq_ids:
             self._reorder(seq_ids)
+            self.version += 1
         if width > self.array.shape[1]:
             grown = torch.full((len(seqs), max(width, 2 * self.array.shape[1])), -1, dtype=torch.int32)
             grown[:, : self.array.shape[1]] = self.array
@@ -51,6 +54,8 @@ class DecodeBlockTables:
             self.array[new_rows] = torch.tensor(new_tables, dtype=torch.int32)
         if rows:
             self.array[rows, columns] = torch.tensor(values, dtype=torch.int32)
+        if new_rows or rows:
+            self.version += 1
         return self.array[:, :width]
 
     def _reorder(self, seq_ids: list[int]) -> None:

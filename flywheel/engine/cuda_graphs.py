@@ -1,7 +1,10 @@
 """CUDA graphs of the decode step, one per batch size of a ladder.
 
 A decode step launches a few hundred small kernels; replaying a captured graph removes the launch
-gaps between them. Inputs are copied into static buffers; rows past the real batch are padding
+gaps between them. A graph runs the model and its LM head, and returns the logits. Its inputs live
+in static buffers: the per-row ones (ids, positions, cache slots, lengths) in one buffer that a
+single host-to-device copy fills each step, the block tables in another, copied only when they
+changed (once every ``block_size`` steps of a steady batch). Rows past the real batch are padding
 (slot -1 writes nothing, length 0 attends to nothing). The sizes given are captured up front, any
 other size of the ladder the first time a batch needs it.
 """
@@ -12,6 +15,10 @@ import torch
 
 from flywheel.engine.forward_context import ForwardContext
 
+# The per-row inputs in their static buffer: name, dtype. Offsets are multiples of 8 bytes.
+_ROW_INPUTS = (("input_ids", torch.long), ("positions", torch.long), ("slot_mapping", torch.long),
+               ("seq_lens", torch.int32))
+
 
 def batch_size_ladder(max_batch: int) -> list[int]:
     sizes = [size for size in (1, 2, 4, 8) if size < max_batch]
@@ -19,19 +26,36 @@ def batch_size_ladder(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+def _row_input_views(buffer: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+    """The per-row inputs as views of a uint8 ``buffer`` of ``_row_inputs_nbytes(rows)`` bytes."""
+    views, offset = {}, 0
+    for name, dtype in _ROW_INPUTS:
+        nbytes = rows * dtype.itemsize
+        views[name] = buffer[offset : offset + nbytes].view(dtype)
+        offset += -(-nbytes // 8) * 8
+    return views
+
+
+def _row_inputs_nbytes(rows: int) -> int:
+    return sum(-(-rows * dtype.itemsize // 8) * 8 for _, dtype in _ROW_INPUTS)
+
+
 class DecodeGraphs:
-    def __init__(self, model, kv_caches, backend, max_batch: int, max_blocks: int, hidden_size: int, dtype, device,
+    def __init__(self, model, kv_caches, backend, max_batch: int, max_blocks: int, vocab_size: int, dtype, device,
                  capture_sizes: list[int] | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
         self.sizes = batch_size_ladder(max_batch)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.max_batch = max_batch
+        self.row_inputs = torch.zeros(_row_inputs_nbytes(max_batch), dtype=torch.uint8, device=device)
+        views = _row_input_views(self.row_inputs, max_batch)
+        self.input_ids, self.positions = views["input_ids"], views["positions"]
+        self.slot_mapping, self.seq_lens = views["slot_mapping"], views["seq_lens"]
         self.block_tables = torch.zeros((max_batch, max_blocks), dtype=torch.int32, device=device)
-        self.hidden = torch.zeros((max_batch, hidden_size), dtype=dtype, device=device)
+        # The version of the host's block tables last copied in (None: none yet).
+        self.block_tables_version: int | None = None
+        self.logits = torch.zeros((max_batch, vocab_size), dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.replayed_sizes: set[int] = set()
         self.pool = None
@@ -49,17 +73,20 @@ class DecodeGraphs:
             backend=self.backend,
         )
 
+    def _forward(self, size: int) -> None:
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self._context(size))
+        self.model.compute_logits(hidden, out=self.logits[:size])
+
     @torch.inference_mode()
     def _capture(self, size: int) -> None:
         # Padding rows only: neither the warm-up nor the capture writes into the cache.
         self.slot_mapping[:size].fill_(-1)
         self.seq_lens[:size].zero_()
-        context = self._context(size)
-        self.hidden[:size] = self.model(self.input_ids[:size], self.positions[:size], context)  # warm-up
+        self._forward(size)  # warm-up
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.hidden[:size] = self.model(self.input_ids[:size], self.positions[:size], context)
+            self._forward(size)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[size] = graph
@@ -67,18 +94,34 @@ class DecodeGraphs:
     def fits(self, batch: int, table_width: int) -> bool:
         return batch <= self.sizes[-1] and table_width <= self.block_tables.shape[1]
 
-    def run(self, input_ids, positions, slot_mapping, seq_lens, block_tables) -> torch.Tensor:
-        batch = input_ids.shape[0]
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            seq_lens: torch.Tensor, block_tables: torch.Tensor, block_tables_version: int | None) -> torch.Tensor:
+        """The logits of one decode step. Every input is on the host except ``input_ids``, which may be
+        on the device (the previous step's draw); the block tables are copied only when
+        ``block_tables_version`` differs from the last one copied (None: always)."""
+        batch = len(positions)
         size = next(s for s in self.sizes if s >= batch)
         if size not in self.graphs:
             self._capture(size)
-        self.input_ids[:batch].copy_(input_ids, non_blocking=True)
-        self.positions[:batch].copy_(positions, non_blocking=True)
-        self.slot_mapping[:batch].copy_(slot_mapping, non_blocking=True)
-        self.slot_mapping[batch:size].fill_(-1)
-        self.seq_lens[:batch].copy_(seq_lens, non_blocking=True)
-        self.seq_lens[batch:size].fill_(0)
-        self.block_tables[:batch, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
+        staged = torch.empty(self.row_inputs.shape, dtype=torch.uint8, pin_memory=True)
+        rows = _row_input_views(staged, self.max_batch)
+        ids_on_host = input_ids.device.type == "cpu"
+        rows["input_ids"][:batch] = input_ids if ids_on_host else 0
+        rows["positions"][:batch] = positions
+        rows["slot_mapping"][:batch] = slot_mapping
+        rows["seq_lens"][:batch] = seq_lens
+        # Padding rows: valid ids and positions, nothing written to the cache, nothing attended to.
+        rows["input_ids"][batch:size] = 0
+        rows["positions"][batch:size] = 0
+        rows["slot_mapping"][batch:size] = -1
+        rows["seq_lens"][batch:size] = 0
+        self.row_inputs.copy_(staged, non_blocking=True)
+        if not ids_on_host:
+            self.input_ids[:batch].copy_(input_ids, non_blocking=True)
+        if block_tables_version is None or block_tables_version != self.block_tables_version:
+            tables = torch.empty(block_tables.shape, dtype=torch.int32, pin_memory=True).copy_(block_tables)
+            self.block_tables[:batch, : block_tables.shape[1]].copy_(tables, non_blocking=True)
+            self.block_tables_version = block_tables_version
         self.graphs[size].replay()
         self.replayed_sizes.add(size)
-        return self.hidden[:batch]
+        return self.logits[:batch]

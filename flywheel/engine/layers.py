@@ -218,6 +218,11 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection to the vocabulary, split like the embedding; logits gathered whole."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits [rows, vocab]; on one rank they may be written into ``out`` (a CUDA graph's buffer)."""
+        if out is not None:
+            if self.tp.size != 1:
+                raise ValueError("the LM head writes into `out` only on a single rank")
+            return torch.mm(hidden, self.weight.t(), out=out)
         logits = self.tp.all_gather_last_dim(linear(hidden, self.weight))
         return logits[..., : self.vocab_size]

@@ -48,6 +48,8 @@ class StepInputs:
     max_q_len: int = 0
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     shared_prefix: SharedPrefixLayout | None = None
+    # Decode: changes whenever the block tables change (a CUDA graph copies them only then).
+    block_tables_version: int | None = None
 
 
 def checkpoint_dtype(hf_config) -> torch.dtype | None:
@@ -200,7 +202,7 @@ class ModelRunner:
             return
         self.decode_graphs = DecodeGraphs(
             self.model, self.kv_caches, self.backend, self.max_num_seqs,
-            -(-self.max_model_len // self.block_size), self.hf_config.hidden_size, self.dtype, self.device,
+            -(-self.max_model_len // self.block_size), self.hf_config.vocab_size, self.dtype, self.device,
             capture_sizes=self._graph_sizes_before_sleep,
         )
 
@@ -260,12 +262,13 @@ class ModelRunner:
             positions=positions,
             slot_mapping=last_blocks * self.block_size + positions % self.block_size,
             seq_lens=seq_lens,
-            block_tables=tables.contiguous(),
+            block_tables=tables,
             logits_indices=None,
             max_seq_len=int(positions.max()) + 1,
             max_q_len=1,
             block_copies=batch.block_copies,
             shared_prefix=self._shared_prefix(batch, seq_lens),
+            block_tables_version=self.decode_block_tables.version,
         )
 
     def _shared_prefix(self, batch: ScheduledBatch, seq_lens: torch.Tensor) -> SharedPrefixLayout | None:
@@ -287,13 +290,14 @@ class ModelRunner:
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Every rank: run the forward pass; returns the logits of the rows to sample."""
         self._copy_blocks(inputs.block_copies)
+        graphs = self.decode_graphs
+        if not inputs.is_prefill and graphs is not None and graphs.fits(len(inputs.input_ids),
+                                                                          inputs.block_tables.shape[1]):
+            return graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens,
+                              inputs.block_tables, inputs.block_tables_version)
         input_ids, positions, slot_mapping, seq_lens, block_tables, logits_indices, cu_seqlens_q = to_device(
             [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables,
              inputs.logits_indices, inputs.cu_seqlens_q], self.device)
-        graphs = self.decode_graphs
-        if not inputs.is_prefill and graphs is not None and graphs.fits(len(input_ids), block_tables.shape[1]):
-            hidden = graphs.run(input_ids, positions, slot_mapping, seq_lens, block_tables)
-            return self.model.compute_logits(hidden)
         context = ForwardContext(
             is_prefill=inputs.is_prefill,
             slot_mapping=slot_mapping,

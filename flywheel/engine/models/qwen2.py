@@ -130,8 +130,8 @@ class Qwen2ForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(hidden, out)
 
     def parameter_for(self, hf_name: str) -> tuple[str, str | int | None]:
         """Our parameter name and shard id for a Hugging Face parameter name."""
