@@ -150,9 +150,10 @@ class ModelRunner:
         peak = max(0, torch.cuda.max_memory_allocated(self.device) - self._allocated_at_start)
         free, total = torch.cuda.mem_get_info(self.device)
         grown_outside = max(0, memory_outside_torch(self.device) - self._outside_torch_at_start)
-        share = total * self.config.gpu_memory_utilization - peak - grown_outside - GRAPH_RESERVE_BYTES
+        reserve = GRAPH_RESERVE_BYTES + self._graph_logits_bytes()
+        share = total * self.config.gpu_memory_utilization - peak - grown_outside - reserve
         available = free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        budget = min(share, available - GRAPH_RESERVE_BYTES)
+        budget = min(share, available - reserve)
         if budget < self.block_bytes:
             raise ValueError(
                 f"no GPU memory is left for the KV cache: this engine's share ({self.config.gpu_memory_utilization} of "
@@ -161,6 +162,12 @@ class ModelRunner:
                 "gpu_memory_utilization, lower max_num_batched_tokens or free the GPU"
             )
         return int(budget // self.block_bytes)
+
+    def _graph_logits_bytes(self) -> int:
+        """The decode graphs' static logits, [max_num_seqs, vocab] (none without graphs)."""
+        if self.config.enforce_eager or self.tp.size > 1:
+            return 0
+        return self.max_num_seqs * self.hf_config.vocab_size * self.dtype.itemsize
 
     def _profile_forward(self) -> None:
         tokens = self.max_num_batched_tokens
