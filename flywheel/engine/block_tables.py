@@ -10,9 +10,13 @@ so a refresh writes the entries from its previous last one on.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 
 from flywheel.engine.sequence import Sequence
+
+_seq_id = attrgetter("seq_id")
 
 
 class DecodeBlockTables:
@@ -21,13 +25,20 @@ class DecodeBlockTables:
         self.seq_ids: list[int] = []
         self.versions: list[int] = []
         self.lengths: list[int] = []
+        self.width = 0
         # Bumped whenever the array changes: a copy of it elsewhere knows when to refresh.
         self.version = 0
 
-    def update(self, seqs: list[Sequence]) -> torch.Tensor:
-        """The tables of ``seqs`` in batch order, padded with -1 to the longest (a view of the mirror)."""
+    def update(self, seqs: list[Sequence], tables_changed: bool = True) -> torch.Tensor:
+        """The tables of ``seqs`` in batch order, padded with -1 to the longest (a view of the mirror).
+
+        With ``tables_changed`` False the caller knows that no table changed since the last update:
+        for the same rows, nothing is read but their ids.
+        """
+        seq_ids = list(map(_seq_id, seqs))
+        if seq_ids == self.seq_ids and not tables_changed:
+            return self.array[:, : self.width]
         width = max(len(seq.block_table) for seq in seqs)
-        seq_ids = [seq.seq_id for seq in seqs]
         if seq_ids != self.seq_ids:
             self._reorder(seq_ids)
             self.version += 1
@@ -44,6 +55,11 @@ class DecodeBlockTables:
                 if known < 0:  # new to the batch: the whole row, written with the other new ones
                     new_rows.append(row)
                     new_tables.append(table + [-1] * (full_width - len(table)))
+                elif seq.table_version == versions[row] + 1 and len(table) == known + 1:
+                    # One change, a block appended (every row at once, each block_size steps): one entry.
+                    rows.append(row)
+                    columns.append(known)
+                    values.append(table[known])
                 else:
                     start, end = max(0, min(known, len(table)) - 1), max(known, len(table))
                     rows += [row] * (end - start)
@@ -56,6 +72,7 @@ class DecodeBlockTables:
             self.array[rows, columns] = torch.tensor(values, dtype=torch.int32)
         if new_rows or rows:
             self.version += 1
+        self.width = width
         return self.array[:, :width]
 
     def _reorder(self, seq_ids: list[int]) -> None:

@@ -41,6 +41,8 @@ class BlockManager:
         # Every block that holds a hash, so that a reset touches those and not the whole pool.
         self.hashed_block_ids: set[int] = set()
         self.prefix_cache_hit_tokens = 0
+        # Counts the decode steps' changes to block tables (a new or a copied last block).
+        self.appended_blocks = 0
 
     @property
     def num_blocks(self) -> int:
@@ -137,6 +139,7 @@ class BlockManager:
         if position // self.block_size >= len(seq.block_table):
             seq.block_table.append(self._take_free_block().block_id)
             seq.table_version += 1
+            self.appended_blocks += 1
             return None
         last = self.blocks[seq.block_table[-1]]
         if last.ref_count == 1:
@@ -145,6 +148,7 @@ class BlockManager:
         last.ref_count -= 1
         seq.block_table[-1] = copy.block_id
         seq.table_version += 1
+        self.appended_blocks += 1
         return last.block_id, copy.block_id
 
     def append_slots(self, seqs: list[Sequence]) -> list[tuple[int, int]]:

@@ -259,7 +259,7 @@ class ModelRunner:
         seqs = batch.seqs
         if input_ids is None:
             input_ids = torch.tensor([seq.token_ids[-1] for seq in seqs], dtype=torch.long)
-        tables = self.decode_block_tables.update(seqs)
+        tables = self.decode_block_tables.update(seqs, batch.tables_changed)
         seq_lens = torch.tensor([len(seq.token_ids) for seq in seqs], dtype=torch.int32)
         positions = seq_lens.long() - 1
         last_blocks = tables.gather(1, (positions // self.block_size)[:, None])[:, 0].long()

@@ -20,6 +20,8 @@ class ScheduledBatch:
     seqs: list[Sequence]
     is_prefill: bool
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Decode: whether scheduling it changed a block table (False: each row's table is as in the last step).
+    tables_changed: bool = True
 
     @property
     def num_new_tokens(self) -> int:
@@ -81,6 +83,7 @@ class Scheduler:
         scheduled: list[Sequence] = []
         queue = deque(self.running)
         block_manager = self.block_manager
+        appended_before = block_manager.appended_blocks
         while queue:
             seq = queue.popleft()
             if block_manager.has_room_to_append(seq):
@@ -103,7 +106,8 @@ class Scheduler:
                 "the KV cache cannot hold a single sequence: raise kv_cache_memory_gb / gpu_memory_utilization "
                 "or lower max_model_len"
             )
-        return ScheduledBatch(scheduled, is_prefill=False, block_copies=copies)
+        return ScheduledBatch(scheduled, is_prefill=False, block_copies=copies,
+                              tables_changed=block_manager.appended_blocks != appended_before)
 
     def schedule_decode_without_preemption(self, seqs: list[Sequence]) -> ScheduledBatch | None:
         """A decode step of ``seqs`` when the free blocks cover it (None otherwise): the running
@@ -113,7 +117,10 @@ class Scheduler:
         if len(seqs) > block_manager.num_free_blocks and \
                 sum(block_manager.blocks_needed_to_append(seq) for seq in seqs) > block_manager.num_free_blocks:
             return None
-        return ScheduledBatch(seqs, is_prefill=False, block_copies=block_manager.append_slots(seqs))
+        appended_before = block_manager.appended_blocks
+        copies = block_manager.append_slots(seqs)
+        return ScheduledBatch(seqs, is_prefill=False, block_copies=copies,
+                              tables_changed=block_manager.appended_blocks != appended_before)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
