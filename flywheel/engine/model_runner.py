@@ -325,8 +325,8 @@ class ModelRunner:
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        source = torch.tensor([s for s, _ in copies], device=self.device)
-        destination = torch.tensor([d for _, d in copies], device=self.device)
+        source, destination = to_device([torch.tensor([s for s, _ in copies]), torch.tensor([d for _, d in copies])],
+                                        self.device)
         for k_cache, v_cache in self.kv_caches:
             k_cache[destination] = k_cache[source]
             v_cache[destination] = v_cache[source]

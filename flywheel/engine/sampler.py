@@ -18,6 +18,7 @@ from operator import attrgetter
 
 import torch
 
+from flywheel.engine.host_to_device import to_device
 from flywheel.engine.sequence import Sequence
 
 
@@ -189,13 +190,15 @@ class Sampler:
         key = tuple(map(_seq_id, seqs))
         if self._batch is None or self._batch.key != key:
             params = [seq.params for seq in seqs]
+            # The n completions of a request share one params object: each is looked at once.
+            distinct = {id(p): p for p in params}.values()
             self._batch = BatchSampling(
                 key=key,
                 tensors=self._tensors(params),
-                temperature_only=not any(needs_processing(p, self.vocab_size) for p in params),
-                has_min_tokens=any(p.min_tokens > 0 for p in params),
+                temperature_only=not any(needs_processing(p, self.vocab_size) for p in distinct),
+                has_min_tokens=any(p.min_tokens > 0 for p in distinct),
                 has_seeds=any(seq.seed is not None for seq in seqs),
-                wants_logprobs=any(p.logprobs is not None for p in params),
+                wants_logprobs=any(p.logprobs is not None for p in distinct),
             )
         return self._batch
 
@@ -208,21 +211,18 @@ class Sampler:
             return None
         keys = [-1 if seq.seed is None else (seq.seed + seq.num_completion_tokens * 0x9E3779B9) & 0x3FFF_FFFF_FFFF_FFFF
                 for seq in seqs]
-        return torch.tensor(keys, dtype=torch.long).to(self.device, non_blocking=True)
+        return to_device([torch.tensor(keys, dtype=torch.long)], self.device)[0]
 
     def _tensors(self, params) -> SamplingTensors:
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        return SamplingTensors(
-            temperature=column([p.temperature for p in params]),
-            top_k=column([p.top_k if p.top_k > 0 else self.vocab_size for p in params], torch.long),
-            top_p=column([p.top_p for p in params]),
-            min_p=column([p.min_p for p in params]),
-            repetition_penalty=column([p.repetition_penalty for p in params]),
-            presence_penalty=column([p.presence_penalty for p in params]),
-            frequency_penalty=column([p.frequency_penalty for p in params]),
-        )
+        floats = torch.tensor([[p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                                p.frequency_penalty] for p in params], dtype=torch.float32).reshape(-1, 6)
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], dtype=torch.long)
+        # One pinned copy: from pageable memory a copy would first wait for the work queued on the GPU.
+        floats, top_k = to_device([floats.t().contiguous(), top_k], self.device)
+        temperature, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty = floats
+        return SamplingTensors(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], tensors: SamplingTensors) -> torch.Tensor:
         rows, vocab = logits.shape
