@@ -55,6 +55,7 @@ class _Request:
     prompt_token_ids: list[int]
     stream: bool = False
     seqs: list[Sequence] = field(default_factory=list)
+    unfinished: int = 0  # of its seqs
 
 
 class LLMEngine:
@@ -148,6 +149,7 @@ class LLMEngine:
             seq.stop_token_ids = stop_ids
             seq.length_limit = length_limit
             request.seqs.append(seq)
+        request.unfinished = params.n
         parent = request.seqs[0]
         parent.pending_forks = request.seqs[1:]
         self.requests[request_id] = request
@@ -316,8 +318,10 @@ class LLMEngine:
                     seq.finish_reason = reason
                     self.scheduler.finish(seq)
                     request = self.requests.get(seq.request_id)
-                    if request is not None and all(s.is_finished for s in request.seqs):
-                        finished_requests.append(self._request_output(self.requests.pop(seq.request_id)))
+                    if request is not None:
+                        request.unfinished -= 1
+                        if not request.unfinished:
+                            finished_requests.append(self._request_output(self.requests.pop(seq.request_id)))
             if any_streamed:
                 request = self.requests.get(seq.request_id)
                 if request is not None and request.stream:

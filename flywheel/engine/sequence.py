@@ -75,7 +75,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
+        return self.status is SequenceStatus.FINISHED
 
     def num_blocks_needed(self, block_size: int) -> int:
         return -(-len(self.token_ids) // block_size)
