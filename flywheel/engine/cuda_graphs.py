@@ -26,18 +26,13 @@ def batch_size_ladder(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
-def _row_input_views(buffer: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
-    """The per-row inputs as views of a uint8 ``buffer`` of ``_row_inputs_nbytes(rows)`` bytes."""
-    views, offset = {}, 0
+def _row_input_layout(rows: int) -> tuple[list[tuple[str, torch.dtype, int]], int]:
+    """(name, dtype, byte offset) of each per-row input in its buffer, and the buffer's size in bytes."""
+    layout, offset = [], 0
     for name, dtype in _ROW_INPUTS:
-        nbytes = rows * dtype.itemsize
-        views[name] = buffer[offset : offset + nbytes].view(dtype)
-        offset += -(-nbytes // 8) * 8
-    return views
-
-
-def _row_inputs_nbytes(rows: int) -> int:
-    return sum(-(-rows * dtype.itemsize // 8) * 8 for _, dtype in _ROW_INPUTS)
+        layout.append((name, dtype, offset))
+        offset += -(-rows * dtype.itemsize // 8) * 8
+    return layout, offset
 
 
 class DecodeGraphs:
@@ -48,8 +43,9 @@ class DecodeGraphs:
         self.backend = backend
         self.sizes = batch_size_ladder(max_batch)
         self.max_batch = max_batch
-        self.row_inputs = torch.zeros(_row_inputs_nbytes(max_batch), dtype=torch.uint8, device=device)
-        views = _row_input_views(self.row_inputs, max_batch)
+        self.row_layout, nbytes = _row_input_layout(max_batch)
+        self.row_inputs = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        views = self._row_input_views(self.row_inputs)
         self.input_ids, self.positions = views["input_ids"], views["positions"]
         self.slot_mapping, self.seq_lens = views["slot_mapping"], views["seq_lens"]
         self.block_tables = torch.zeros((max_batch, max_blocks), dtype=torch.int32, device=device)
@@ -62,6 +58,11 @@ class DecodeGraphs:
         # Largest first: the smaller graphs reuse the memory pool the largest one sized.
         for size in sorted(self.sizes if capture_sizes is None else capture_sizes, reverse=True):
             self._capture(size)
+
+    def _row_input_views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-row inputs as views of a uint8 buffer of their layout's size."""
+        return {name: buffer[offset : offset + self.max_batch * dtype.itemsize].view(dtype)
+                for name, dtype, offset in self.row_layout}
 
     def _context(self, size: int) -> ForwardContext:
         return ForwardContext(
@@ -104,9 +105,10 @@ class DecodeGraphs:
         if size not in self.graphs:
             self._capture(size)
         staged = torch.empty(self.row_inputs.shape, dtype=torch.uint8, pin_memory=True)
-        rows = _row_input_views(staged, self.max_batch)
+        rows = self._row_input_views(staged)
         ids_on_host = input_ids.device.type == "cpu"
-        rows["input_ids"][:batch] = input_ids if ids_on_host else 0
+        if ids_on_host:
+            rows["input_ids"][:batch] = input_ids
         rows["positions"][:batch] = positions
         rows["slot_mapping"][:batch] = slot_mapping
         rows["seq_lens"][:batch] = seq_lens

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,24 +29,6 @@ from flywheel.trainer.rewards import (
 from flywheel.trainer.sampler import RepeatSampler
 
 logger = logging.getLogger(__name__)
-
-
-class DeferredAdvantages:
-    """A generation batch's advantages, computed when first asked for.
-
-    The loss asks after it has launched its micro-batch's forward pass: decoding the completions and
-    calling the reward functions on the host then overlaps that pass on the GPU instead of leaving
-    the GPU idle between generation and training.
-    """
-
-    def __init__(self, compute: Callable[[], torch.Tensor]) -> None:
-        self._compute: Callable[[], torch.Tensor] | None = compute
-        self._advantages: torch.Tensor | None = None
-
-    def __call__(self) -> torch.Tensor:
-        if self._compute is not None:
-            self._advantages, self._compute = self._compute(), None
-        return self._advantages
 
 
 class GRPOTrainer(OnlineTrainer):
@@ -148,7 +130,10 @@ class GRPOTrainer(OnlineTrainer):
         prompts = [row["prompt"] for row in rows]
         generated = self.generate(prompts, mode)
 
-        def score() -> torch.Tensor:
+        # Computed once, when the loss first asks: after it has launched its micro-batch's forward pass,
+        # so that decoding the completions and calling the reward functions overlap that pass on the GPU.
+        @functools.cache
+        def advantages() -> torch.Tensor:
             with self.metrics.timed(mode, "reward"):
                 return self._advantages(rows, generated, mode)
 
@@ -163,7 +148,7 @@ class GRPOTrainer(OnlineTrainer):
             "completion_ids": generated.completion_ids_padded,
             "completion_mask": generated.completion_mask,
             "loss_mask": loss_mask,
-            "advantages": DeferredAdvantages(score),
+            "advantages": advantages,
             # Each row's place in the batch, to read its advantage (split into micro-batches like the tensors).
             "rows": torch.arange(len(rows), device=loss_mask.device),
             # dapo's normaliser: the tokens of an average micro-batch of one process.
@@ -202,10 +187,9 @@ class GRPOTrainer(OnlineTrainer):
         self.metrics.add(mode, "frac_reward_zero_std", (group_std < 1e-6).float().mean())
         for column, func in enumerate(self.reward_funcs):
             values = rewards_per_func[:, column]
-            real = ~torch.isnan(values)
             name = reward_func_name(func)
             self.metrics.add(mode, f"rewards/{name}/mean", values.nanmean())
-            self.metrics.add(mode, f"rewards/{name}/std", _nan_std(values, real))
+            self.metrics.add(mode, f"rewards/{name}/std", _nan_std(values))
         if self.args.log_completions:
             self._remember_completions(generated, rewards)
 
@@ -291,8 +275,9 @@ class GRPOTrainer(OnlineTrainer):
         return loss
 
 
-def _nan_std(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """The sample standard deviation of `values[real]`, NaN with fewer than two values (no host sync)."""
+def _nan_std(values: torch.Tensor) -> torch.Tensor:
+    """The sample standard deviation of the values that are not NaN; NaN with fewer than two (no host sync)."""
+    real = ~torch.isnan(values)
     count = real.sum()
     mean = torch.where(real, values, 0.0).sum() / count.clamp(min=1)
     squares = torch.where(real, (values - mean) ** 2, 0.0).sum()

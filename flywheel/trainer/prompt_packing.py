@@ -86,8 +86,6 @@ _VARLEN_PARAMETERS = inspect.signature(varlen_attn).parameters if varlen_attn is
 _VARLEN_OPTIONS = {"window_size": (-1, 0)} if "window_size" in _VARLEN_PARAMETERS else {"is_causal": True}
 if "enable_gqa" in _VARLEN_PARAMETERS:
     _VARLEN_OPTIONS["enable_gqa"] = True
-
-
 _TAKES_SCALE = "scale" in _VARLEN_PARAMETERS
 _FLASH_VARLEN = varlen_attn is not None and torch.backends.cuda.is_flash_attention_available()
 
