@@ -1,12 +1,13 @@
-"""The categorical draw of the sampler in one pass over the logits: Gumbel-max with counter-based noise.
+"""The categorical draw of the sampler in two small passes over the logits: inverse-CDF with one uniform per row.
 
-Per row: token = argmax(logits / T + Gumbel noise) (argmax of the logits when T = 0), and its
-logprob under log_softmax(logits / T) (T taken as 1 for greedy rows), with the log-sum-exp kept
-online while the row streams through. The noise of a row comes from Philox keyed by the row's
-seed, so a seeded sequence draws the same noise whatever else is in the batch. A row is split into
-parts that run side by side (a batch of a few hundred rows alone would leave most of the GPU idle),
-and a second small kernel combines the parts. The logits are read once, in their own dtype; nothing
-of the vocabulary's size is written.
+Per row: token = the column where the running sum of softmax(logits / T) first exceeds a uniform
+draw (argmax of the logits when T = 0), and its logprob under log_softmax(logits / T) (T taken as 1
+for greedy rows). The first kernel streams every row in chunks of columns, side by side, and writes
+each chunk's maximum and its sum of exp(z − maximum); the second, one program per row, combines
+those into the row's log-sum-exp, picks the chunk that the row's uniform falls in, and finds the
+column inside it. Only the picked chunk is read twice; nothing of the vocabulary's size is written,
+and no per-logit random number is drawn. A row's uniform comes from Philox keyed by the row's seed,
+so a seeded sequence draws the same token whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -15,112 +16,91 @@ import torch
 import triton
 import triton.language as tl
 
-# The largest finite float32: a running maximum that starts here never turns exp() into nan.
-_LOWEST = tl.constexpr(-3.0e38)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-_CHUNK = 2048  # columns per loop iteration of a part: four quarters of one Philox call each
-_MAX_PARTS = 16
+_CHUNK = 2048  # columns whose statistics are kept together
 _TARGET_PROGRAMS = 2048
 
 
 @triton.jit
-def _approx_log2(x):
-    # The PTX approximation (absolute error ~2^-22): a few instructions where the precise log takes
-    # dozens. Used for the outer log of the noise only, whose error then shifts a score by ~1e-7.
-    return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
 def _scaled(base, cols, end, scale):
+    """z = logit / T in base 2 (log2 e · logit / T), -inf past the row's end."""
     x = tl.load(base + cols, mask=cols < end, other=0.0)
     return tl.where(cols < end, x.to(tl.float32) * scale, float("-inf"))
 
 
 @triton.jit
-def _keep_best(z, cols, u, greedy, best_score, best_z, best_col):
-    """Fold one quarter-chunk's noisy scores into the per-lane winners (the earlier column wins a tie)."""
-    # z is in base 2 (logit / T · log2 e): log2(e) · (z_e − ln(−ln u)) = z − log2(−ln u), the same argmax.
-    # The inner log stays precise: for u near 1 it is tiny, and the approximation's error is not.
-    score = tl.where(greedy, z, z - _approx_log2(-tl.log(u)))
-    better = score > best_score
-    return tl.where(better, score, best_score), tl.where(better, z, best_z), tl.where(better, cols, best_col)
+def _row_scale(temperature_ptr, row):
+    temperature = tl.load(temperature_ptr + row)
+    return tl.where(temperature == 0.0, 1.0, 1.0 / temperature) * _LOG2E
+
+
+@triton.jit
+def _chunk_stats_kernel(logits_ptr, stride_row, n_cols, temperature_ptr, stats_ptr, n_chunks, chunks_per_program,
+                        CHUNK: tl.constexpr):
+    """Each chunk's maximum z and Σ exp2(z − maximum) (0 for a chunk of masked logits only)."""
+    row = tl.program_id(0)
+    scale = _row_scale(temperature_ptr, row)
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    lane = tl.arange(0, CHUNK)
+    first = tl.program_id(1) * chunks_per_program
+    last = tl.minimum(first + chunks_per_program, n_chunks)
+    for chunk in range(first, last):
+        z = _scaled(base, chunk * CHUNK + lane, n_cols, scale)
+        top = tl.max(z, 0)
+        total = tl.sum(tl.exp2(z - tl.where(top == float("-inf"), 0.0, top)), 0)
+        out = stats_ptr + (row * n_chunks + chunk) * 2
+        tl.store(out, top)
+        tl.store(out + 1, total)
 
 
 @triton.jit(do_not_specialize=["step_seed"])
-def _draw_part_kernel(
-    logits_ptr, stride_row, n_cols, temperature_ptr, seeds_ptr, step_seed, parts_ptr, cols_per_part,
-    HAS_ROW_SEEDS: tl.constexpr, QUARTER: tl.constexpr,
-):
-    """One part of a row's columns: its log-sum-exp, best noisy score, that column and its z."""
+def _pick_kernel(logits_ptr, stride_row, n_cols, temperature_ptr, seeds_ptr, step_seed, stats_ptr, n_chunks,
+                 out_ptr, n_rows, HAS_ROW_SEEDS: tl.constexpr, CHUNKS: tl.constexpr, CHUNK: tl.constexpr,
+                 WITH_RANKS: tl.constexpr):
+    """A row's token and logprob from its chunks' statistics and one pass over the chunk it picks."""
     row = tl.program_id(0)
-    part = tl.program_id(1)
-    temperature = tl.load(temperature_ptr + row)
-    greedy = temperature == 0.0
-    scale = tl.where(greedy, 1.0, 1.0 / temperature) * _LOG2E
+    greedy = tl.load(temperature_ptr + row) == 0.0
+    scale = _row_scale(temperature_ptr, row)
+    index = tl.arange(0, CHUNKS)
+    stats = stats_ptr + (row * n_chunks + index) * 2
+    tops = tl.load(stats, mask=index < n_chunks, other=float("-inf"))
+    sums = tl.load(stats + 1, mask=index < n_chunks, other=0.0)
+    row_max = tl.max(tops, 0)
+    weights = tl.where(tops == float("-inf"), 0.0, sums * tl.exp2(tops - row_max))
+    row_sum = tl.sum(weights, 0)
     seed = step_seed + row
     if HAS_ROW_SEEDS:
         row_seed = tl.load(seeds_ptr + row)
         seed = tl.where(row_seed >= 0, row_seed, seed)
-    lane = tl.arange(0, QUARTER)
-    m = tl.full((QUARTER,), _LOWEST, tl.float32)
-    s = tl.zeros((QUARTER,), tl.float32)
-    best_score = tl.full((QUARTER,), float("-inf"), tl.float32)
-    best_z = tl.full((QUARTER,), float("-inf"), tl.float32)
-    best_col = tl.zeros((QUARTER,), tl.int32)
-    base = logits_ptr + row.to(tl.int64) * stride_row
-    begin = part * cols_per_part
-    end = tl.minimum(begin + cols_per_part, n_cols)
-    for start in range(begin, end, 4 * QUARTER):
-        # One Philox call gives four uniforms, one for each quarter of the chunk; the counter is the
-        # column, so the noise does not depend on how the row is split into parts.
-        u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + lane)
-        c0 = start + lane
-        c1 = c0 + QUARTER
-        c2 = c1 + QUARTER
-        c3 = c2 + QUARTER
-        z0 = _scaled(base, c0, end, scale)
-        z1 = _scaled(base, c1, end, scale)
-        z2 = _scaled(base, c2, end, scale)
-        z3 = _scaled(base, c3, end, scale)
-        # The running sum of exp2(z − m) per lane, rescaled once per chunk rather than once per column.
-        new_m = tl.maximum(tl.maximum(m, tl.maximum(z0, z1)), tl.maximum(z2, z3))
-        s = (s * tl.exp2(m - new_m) + (tl.exp2(z0 - new_m) + tl.exp2(z1 - new_m))
-             + (tl.exp2(z2 - new_m) + tl.exp2(z3 - new_m)))
-        m = new_m
-        best_score, best_z, best_col = _keep_best(z0, c0, u0, greedy, best_score, best_z, best_col)
-        best_score, best_z, best_col = _keep_best(z1, c1, u1, greedy, best_score, best_z, best_col)
-        best_score, best_z, best_col = _keep_best(z2, c2, u2, greedy, best_score, best_z, best_col)
-        best_score, best_z, best_col = _keep_best(z3, c3, u3, greedy, best_score, best_z, best_col)
-    part_max = tl.max(m, 0)
-    top = tl.max(best_score, 0)
-    # The first column among the lanes' winners, as argmax returns it.
-    col = tl.min(tl.where(best_score == top, best_col, n_cols), 0)
-    out = parts_ptr + (row * tl.num_programs(1) + part) * 4
-    # The part's log-sum-exp and the winner's z leave in natural units (the combine kernel's).
-    tl.store(out, (part_max + tl.log2(tl.sum(s * tl.exp2(m - part_max), 0))) * _LN2)
-    tl.store(out + 1, top)
-    tl.store(out + 2, col.to(tl.float32))
-    tl.store(out + 3, tl.max(tl.where(best_col == col, best_z, float("-inf")), 0) * _LN2)
+    target = tl.sum(tl.where(index == 0, tl.rand(seed, index), 0.0), 0) * row_sum
+    ends = tl.cumsum(weights, 0)
+    # The first chunk whose running sum passes the target (the last one that has any weight, should
+    # rounding leave the target at the very end); greedy rows take the first chunk holding the maximum.
+    last_weighted = tl.max(tl.where(weights > 0.0, index, 0), 0)
+    sampled_chunk = tl.minimum(tl.sum((ends <= target).to(tl.int32), 0), last_weighted)
+    greedy_chunk = tl.min(tl.where(tops == row_max, index, CHUNKS), 0)
+    chunk = tl.where(greedy, greedy_chunk, sampled_chunk)
+    before = tl.sum(tl.where(index < chunk, weights, 0.0), 0)
+    chunk_top = tl.max(tl.where(index == chunk, tops, float("-inf")), 0)
 
-
-@triton.jit
-def _draw_combine_kernel(parts_ptr, n_parts, n_cols, out_ptr, n_rows, PARTS: tl.constexpr, WITH_RANKS: tl.constexpr):
-    row = tl.program_id(0)
-    index = tl.arange(0, PARTS)
-    mask = index < n_parts
-    base = parts_ptr + (row * n_parts + index) * 4
-    log_sums = tl.load(base, mask=mask, other=float("-inf"))
-    tops = tl.load(base + 1, mask=mask, other=float("-inf"))
-    cols = tl.load(base + 2, mask=mask, other=n_cols)
-    zs = tl.load(base + 3, mask=mask, other=float("-inf"))
-    largest = tl.max(log_sums, 0)
-    log_sum = largest + tl.log(tl.sum(tl.exp(log_sums - largest), 0))
-    top = tl.max(tops, 0)
-    col = tl.min(tl.where(tops == top, cols, n_cols), 0)
-    z = tl.max(tl.where(cols == col, zs, float("-inf")), 0)
-    tl.store(out_ptr + row, col.to(tl.float64))
-    tl.store(out_ptr + n_rows + row, (z - log_sum).to(tl.float64))
+    lane = tl.arange(0, CHUNK)
+    cols = chunk * CHUNK + lane
+    z = _scaled(logits_ptr + row.to(tl.int64) * stride_row, cols, n_cols, scale)
+    # The target inside the chunk, in the units of its own maximum.
+    inside = (target - before) * tl.exp2(row_max - chunk_top)
+    weights = tl.exp2(z - chunk_top)
+    running = tl.cumsum(weights, 0)
+    # Rounding may put the target just outside the chunk's own sum: the draw stays on a token of weight.
+    first_positive = tl.min(tl.where(weights > 0.0, lane, CHUNK), 0)
+    last_positive = tl.max(tl.where(weights > 0.0, lane, 0), 0)
+    sampled_lane = tl.maximum(tl.minimum(tl.sum((running <= inside).to(tl.int32), 0), last_positive), first_positive)
+    greedy_lane = tl.min(tl.where(z == chunk_top, lane, CHUNK), 0)
+    picked = tl.where(greedy, greedy_lane, sampled_lane)
+    picked_z = tl.max(tl.where(lane == picked, z, float("-inf")), 0)
+    log_sum = row_max + tl.log2(row_sum)
+    tl.store(out_ptr + row, (chunk * CHUNK + picked).to(tl.float64))
+    tl.store(out_ptr + n_rows + row, ((picked_z - log_sum) * _LN2).to(tl.float64))
     if WITH_RANKS:
         tl.store(out_ptr + 2 * n_rows + row, 1.0)  # the rank kernel adds the count of larger logits
 
@@ -154,7 +134,7 @@ def draw_tokens(logits: torch.Tensor, temperature: torch.Tensor, step_seed: int,
     ``with_ranks``, [3, rows] whose last row is each sampled token's rank (1 + the number of larger
     logits, an order temperature does not change).
 
-    ``temperature`` [rows] float32 (0 = greedy). A row's noise is keyed by ``row_seeds[row]`` where
+    ``temperature`` [rows] float32 (0 = greedy). A row's uniform is keyed by ``row_seeds[row]`` where
     that is >= 0, else by ``step_seed + row``.
     """
     rows, vocab = logits.shape
@@ -164,18 +144,20 @@ def draw_tokens(logits: torch.Tensor, temperature: torch.Tensor, step_seed: int,
     if rows == 0:
         return out
     seeds = row_seeds if row_seeds is not None else out  # never read without HAS_ROW_SEEDS
-    # Enough parts per row to fill the GPU when the batch is small; a part is whole chunks of columns.
-    chunks = triton.cdiv(vocab, _CHUNK)
-    chunks_per_part = triton.cdiv(chunks, max(1, min(_MAX_PARTS, _TARGET_PROGRAMS // rows, chunks)))
-    n_parts = triton.cdiv(chunks, chunks_per_part)
-    parts = torch.empty((rows, n_parts, 4), dtype=torch.float32, device=logits.device)
-    _draw_part_kernel[(rows, n_parts)](
-        logits, logits.stride(0), vocab, temperature, seeds, _as_int64_argument(step_seed), parts,
-        chunks_per_part * _CHUNK, HAS_ROW_SEEDS=row_seeds is not None, QUARTER=_CHUNK // 4, num_warps=4,
+    n_chunks = triton.cdiv(vocab, _CHUNK)
+    # Enough programs per row to fill the GPU when the batch is small.
+    chunks_per_program = triton.cdiv(n_chunks, max(1, min(n_chunks, _TARGET_PROGRAMS // rows)))
+    programs_per_row = triton.cdiv(n_chunks, chunks_per_program)
+    stats = torch.empty((rows, n_chunks, 2), dtype=torch.float32, device=logits.device)
+    _chunk_stats_kernel[(rows, programs_per_row)](
+        logits, logits.stride(0), vocab, temperature, stats, n_chunks, chunks_per_program, CHUNK=_CHUNK, num_warps=4,
     )
-    _draw_combine_kernel[(rows,)](parts, n_parts, vocab, out, rows, PARTS=triton.next_power_of_2(n_parts),
-                                  WITH_RANKS=with_ranks, num_warps=1)
+    _pick_kernel[(rows,)](
+        logits, logits.stride(0), vocab, temperature, seeds, _as_int64_argument(step_seed), stats, n_chunks, out, rows,
+        HAS_ROW_SEEDS=row_seeds is not None, CHUNKS=triton.next_power_of_2(n_chunks), CHUNK=_CHUNK,
+        WITH_RANKS=with_ranks, num_warps=4,
+    )
     if with_ranks:
-        _rank_part_kernel[(rows, n_parts)](logits, logits.stride(0), vocab, out, rows, chunks_per_part * _CHUNK,
-                                           BLOCK=_CHUNK, num_warps=4)
+        _rank_part_kernel[(rows, programs_per_row)](logits, logits.stride(0), vocab, out, rows,
+                                                    chunks_per_program * _CHUNK, BLOCK=_CHUNK, num_warps=4)
     return out
