@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import gc
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from itertools import count
 
 import torch
@@ -43,7 +45,8 @@ class LLM:
                 request_id = str(next(self._request_ids))
                 self.engine.add_request(request_id, ids, param, prompt=text)
                 request_ids.append(request_id)
-            return self._run(request_ids, use_tqdm)
+            with _collector_paused():
+                return self._run(request_ids, use_tqdm)
         except BaseException:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
@@ -116,3 +119,22 @@ class LLM:
                         finished[output.request_id] = output
                         progress.update(1)
         return [finished[request_id] for request_id in request_ids]
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a batch generates.
+
+    A rollout keeps hundreds of thousands of young objects alive until it ends (token lists, logprobs)
+    and frees them by reference counting; meanwhile each collection would walk them again, pauses of
+    several milliseconds in which the host falls behind the GPU. Cycles made meanwhile are collected
+    once it is back on; a collector already off stays off.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
