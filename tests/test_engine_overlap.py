@@ -1,5 +1,5 @@
-"""The overlapped decode (a step launched before the previous step's tokens reach the host) gives the
-same completions as decode step by step.
+"""The overlapped steps (a decode launched before the previous step's tokens, a prefill's included,
+reach the host) give the same completions as steps run one by one.
 
 On one GPU the engine overlaps its steps; here the CPU's sampler stands in for the GPU draw, so the
 bookkeeping of that path (placeholders, cached positions, stops with one token too many computed)
@@ -25,11 +25,19 @@ class _DrawnOnHost:
         return self.output
 
 
-def overlap_on_cpu(llm: LLM) -> None:
+def overlap_on_cpu(llm: LLM) -> list[int]:
+    """Make `llm` overlap its steps; returns the list that records the rows of every draw left in flight."""
     engine, sampler = llm.engine, llm.engine.sampler
     engine.overlap_decode = True
     sampler.can_draw_async = lambda seqs: True
-    sampler.draw_async = lambda logits, seqs: _DrawnOnHost(sampler(logits, seqs, [s.stop_token_ids for s in seqs]))
+    in_flight = []
+
+    def draw_async(logits, seqs):
+        in_flight.append(len(seqs))
+        return _DrawnOnHost(sampler(logits, seqs, [s.stop_token_ids for s in seqs]))
+
+    sampler.draw_async = draw_async
+    return in_flight
 
 
 def completions(llm: LLM, params: SamplingParams) -> tuple[list, list[float]]:
@@ -48,15 +56,30 @@ def assert_same(actual, expected) -> None:
     SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=0),
     SamplingParams(n=3, temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2),
     SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=30, logprobs=0, stop_token_ids=[40, 41, 42, 43]),
-], ids=["greedy", "groups", "stops"])
+    SamplingParams(n=2, temperature=0.0, max_tokens=1, logprobs=0),
+], ids=["greedy", "groups", "stops", "the prefill's token only"])
 def test_overlapped_decode_matches_step_by_step(tiny_checkpoints, params):
     plain = LLM(tiny_checkpoints["qwen2"], dtype="float32", block_size=4)
     overlapped = LLM(tiny_checkpoints["qwen2"], dtype="float32", block_size=4)
-    overlap_on_cpu(overlapped)
+    in_flight = overlap_on_cpu(overlapped)
     expected = completions(plain, params)
     assert_same(completions(overlapped, params), expected)
+    # Every step was left in flight, the prefill of all the prompts' sequences first.
+    assert len(in_flight) == overlapped.engine.stats.steps and in_flight[0] == len(PROMPTS) * params.n
     if params.stop_token_ids:
         assert {reason for _, reason in expected[0]} == {"stop", "length"}
     # The cache agrees with the tokens: a second round reuses the prompts' blocks and gives the same.
     assert_same(completions(overlapped, params), expected)
     assert overlapped.engine.stats.prefix_cache_hit_tokens > 0
+
+
+def test_prompts_prefilled_in_several_batches_match_step_by_step(tiny_checkpoints):
+    """A prefill in flight while other prompts wait: it completes before they are prefilled."""
+    options = dict(dtype="float32", block_size=4, max_model_len=48, max_num_batched_tokens=48)
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+    plain = LLM(tiny_checkpoints["qwen2"], **options)
+    overlapped = LLM(tiny_checkpoints["qwen2"], **options)
+    overlap_on_cpu(overlapped)
+    expected = completions(plain, params)
+    assert_same(completions(overlapped, params), expected)
+    assert overlapped.engine.stats.steps == plain.engine.stats.steps

@@ -40,8 +40,8 @@ class EngineStats:
 
 
 @dataclass
-class _InFlightDecode:
-    """A decode step whose sampled tokens have not reached the host yet."""
+class _InFlightStep:
+    """A step (a decode, or a prefill) whose sampled tokens have not reached the host yet."""
 
     rows: list[Sequence]
     stop_ids: list[set[int]]
@@ -61,7 +61,7 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self._in_flight: _InFlightDecode | None = None
+        self._in_flight: _InFlightStep | None = None
         self._drained: list[RequestOutput] = []
         self.ranks = RankGroup(config)
         self.runner = self.ranks.runner
@@ -91,7 +91,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self.sleeping = False
         self.closed = False
-        # Decode steps overlap with the host's bookkeeping on one GPU (see step()).
+        # Steps overlap with the host's bookkeeping on one GPU (see step()).
         self.overlap_decode = self.runner.device.type == "cuda" and config.tensor_parallel_size == 1
         # The block pool is hundreds of thousands of long-lived objects; a rollout's per-token outputs
         # set off many full garbage collections, each of which would walk them all.
@@ -185,7 +185,7 @@ class LLMEngine:
         """Run one batch (prefill or decode); return the requests that finished in it, and the
         progress of the streamed ones it extended.
 
-        On one GPU a decode step does not wait for its tokens: the next step is launched with the
+        On one GPU a step does not wait for its tokens: the next decode step is launched with the
         sampled ids still on the device, one placeholder token per sequence on the host, and only
         then are the previous step's tokens appended and checked for stops. A sequence that stopped
         has computed one token too many, which is dropped.
@@ -201,16 +201,26 @@ class LLMEngine:
         logits = self.ranks.execute(self.runner.prepare(batch))
         rows = [s for seq in batch.seqs for s in (seq, *seq.pending_forks)] if batch.is_prefill else batch.seqs
         stop_ids = [seq.stop_token_ids for seq in rows]
-        if not batch.is_prefill and self.overlap_decode and self.sampler.can_draw_async(rows):
-            self._in_flight = _InFlightDecode(rows, stop_ids, self.sampler.draw_async(logits, rows))
+        # The decode launched behind a step continues that step's rows only: a prefill overlaps when
+        # its sequences are all that run (a batch's start), or the others would wait behind them.
+        alone = not batch.is_prefill or len(self.scheduler.running) == len(batch.seqs)
+        if self.overlap_decode and alone and self.sampler.can_draw_async(rows):
+            draw = self.sampler.draw_async(logits, rows)
+            if batch.is_prefill:
+                self._prefilled(batch.seqs)
+            self._in_flight = _InFlightStep(rows, stop_ids, draw)
             return self._drained_outputs()
         sampled = self.sampler(logits, rows, stop_ids)
         if batch.is_prefill:
-            for seq in batch.seqs:
-                seq.num_cached_tokens = len(seq)
-                self.block_manager.register_computed_blocks(seq)
-                self._fork(seq)
+            self._prefilled(batch.seqs)
         return self._drained_outputs() + self._finish_step(rows, sampled, stop_ids)
+
+    def _prefilled(self, seqs: list[Sequence]) -> None:
+        """The prompts of a launched prefill: their blocks hashed for reuse, their sequences' siblings forked."""
+        for seq in seqs:
+            seq.num_cached_tokens = len(seq)
+            self.block_manager.register_computed_blocks(seq)
+            self._fork(seq)
 
     def _step_in_flight(self) -> list[RequestOutput]:
         previous, self._in_flight = self._in_flight, None
@@ -218,11 +228,11 @@ class LLMEngine:
             self._launch_next_decode(previous)
         return self._complete(previous)
 
-    def _complete(self, step: _InFlightDecode) -> list[RequestOutput]:
-        """Wait for the tokens of a decode step in flight, then append them and check for stops."""
+    def _complete(self, step: _InFlightStep) -> list[RequestOutput]:
+        """Wait for the tokens of a step in flight, then append them and check for stops."""
         return self._finish_step(step.rows, step.draw.result(), step.stop_ids)
 
-    def _launch_next_decode(self, previous: _InFlightDecode) -> None:
+    def _launch_next_decode(self, previous: _InFlightStep) -> None:
         """Launch the decode step after ``previous`` before its tokens are known, when that needs no
         preemption: every sequence of it that its pending token cannot end takes a placeholder."""
         running = SequenceStatus.RUNNING
@@ -246,7 +256,7 @@ class LLMEngine:
             ids = ids[to_device([torch.tensor(kept)], ids.device)[0]]
         self.stats.steps += 1
         logits = self.ranks.execute(self.runner.prepare(batch, input_ids=ids))
-        self._in_flight = _InFlightDecode(seqs, [seq.stop_token_ids for seq in seqs], self.sampler.draw_async(logits, seqs))
+        self._in_flight = _InFlightStep(seqs, [seq.stop_token_ids for seq in seqs], self.sampler.draw_async(logits, seqs))
 
     def _finish_step(self, rows: list[Sequence], sampled: SamplerOutput, stop_ids: list[set[int]]) -> list[RequestOutput]:
         finished = self._append_tokens(rows, sampled, stop_ids)
@@ -255,7 +265,7 @@ class LLMEngine:
         return finished
 
     def _drain(self) -> None:
-        """Wait for a decode step in flight and keep its outputs for the next ``step``."""
+        """Wait for a step in flight and keep its outputs for the next ``step``."""
         if self._in_flight is not None:
             previous, self._in_flight = self._in_flight, None
             self._drained += self._complete(previous)
