@@ -84,7 +84,7 @@ def test_token_logprobs_read_as_one_dict_per_token_sampled_first():
     assert logprobs[-1] == expected[1] and logprobs[1:] == expected[1:] and logprobs[5:] == []
     with pytest.raises(IndexError):
         logprobs[2]
-    assert logprobs.sampled == [-0.5, -2.0]
+    assert list(logprobs.sampled) == [-0.5, -2.0]
     assert pickle.loads(pickle.dumps(logprobs)) == expected
 
 
@@ -93,4 +93,4 @@ def test_token_logprobs_without_top_k_hold_the_sampled_token_alone():
     logprobs.append(9, -3.0, 12)
     logprobs.append(2, -0.1, 1)
     assert logprobs == [{9: Logprob(-3.0, 12)}, {2: Logprob(-0.1, 1)}]
-    assert logprobs.sampled == [-3.0, -0.1]
+    assert list(logprobs.sampled) == [-3.0, -0.1]

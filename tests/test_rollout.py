@@ -1,5 +1,7 @@
 """Rollout plumbing: repeat runs, the repeat sampler, micro-batch splitting, generate's EOS cut, sync-once."""
 
+from array import array
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -52,6 +54,16 @@ def test_padding_keeps_each_dtype_and_takes_empty_rows():
     assert empty.shape == empty_mask.shape == (2, 0)
     halves, _ = right_pad([[0.5], [1.5, 2.5]], 0.0, "cpu", dtype=torch.bfloat16)
     assert halves.dtype == torch.bfloat16 and halves.tolist() == [[0.5, 0.0], [1.5, 2.5]]
+
+
+def test_padding_takes_c_arrays_and_rows_repeated_by_reference():
+    logps, mask = right_pad([array("d", [-0.5, -1.25]), array("d"), [-2.0]], 1.0, "cpu", dtype=torch.float64)
+    assert logps.tolist() == [[-0.5, -1.25], [1.0, 1.0], [-2.0, 1.0]] and mask.tolist() == [[1, 1], [0, 0], [1, 0]]
+    narrowed, _ = right_pad([array("d", [0.25]), [0.5, 0.75]], 0.0, "cpu", dtype=torch.float32)
+    assert narrowed.dtype == torch.float32 and narrowed.tolist() == [[0.25, 0.0], [0.5, 0.75]]
+    group, other = [4, 5], [6]
+    ids, mask = left_pad([group, group, other, group], 0, "cpu")
+    assert ids.tolist() == [[4, 5], [4, 5], [0, 6], [4, 5]] and mask.tolist() == [[1, 1], [1, 1], [0, 1], [1, 1]]
 
 
 def test_transformers_rollout_stops_at_eos_and_flags_truncation(tiny_checkpoints):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -18,31 +19,34 @@ class TokenLogprobs(Sequence[dict[int, Logprob]]):
     """A completion's per-token logprobs in flat lists, read as one ``dict[token_id, Logprob]`` per
     token (the sampled token first, then the top-k); a token's dict is built only when read."""
 
-    __slots__ = ("num_top", "_sampled_entries", "_top_ids", "_top_logprobs")
+    __slots__ = ("num_top", "_sampled_ids_and_ranks", "_sampled_logprobs", "_top_ids", "_top_logprobs")
 
     def __init__(self, num_top: int = 0) -> None:
         self.num_top = num_top
-        # (token id, logprob, rank) of each sampled token, one after the other: a single list to
-        # grow keeps the engine's per-token cost low.
-        self._sampled_entries: list = []
+        # (token id, rank) of each sampled token, one after the other: a single list to grow keeps the
+        # engine's per-token cost low. The logprobs in a C array: a trainer pads them into a tensor
+        # with one copy instead of converting each number.
+        self._sampled_ids_and_ranks: list[int] = []
+        self._sampled_logprobs = array("d")
         self._top_ids: list[int] = []  # num_top per token, most likely first
         self._top_logprobs: list[float] = []
 
     def append(self, token_id: int, logprob: float, rank: int,
                top: tuple[Sequence[int], Sequence[float]] | None = None) -> None:
         """Add a token: its logprob, its rank, and the top-k (ids, logprobs) when asked for."""
-        self._sampled_entries.extend((token_id, logprob, rank))
+        self._sampled_ids_and_ranks.extend((token_id, rank))
+        self._sampled_logprobs.append(logprob)
         if top is not None:
             self._top_ids.extend(top[0])
             self._top_logprobs.extend(top[1])
 
     @property
-    def sampled(self) -> list[float]:
-        """The sampled tokens' logprobs."""
-        return self._sampled_entries[1::3]
+    def sampled(self) -> array:
+        """The sampled tokens' logprobs (a C array of doubles: a sequence of floats)."""
+        return self._sampled_logprobs
 
     def __len__(self) -> int:
-        return len(self._sampled_entries) // 3
+        return len(self._sampled_logprobs)
 
     def __getitem__(self, index):
         positions = range(len(self))[index]
@@ -62,8 +66,8 @@ class TokenLogprobs(Sequence[dict[int, Logprob]]):
         return f"TokenLogprobs({list(self)!r})"
 
     def _entry(self, position: int) -> dict[int, Logprob]:
-        token_id, logprob, rank = self._sampled_entries[3 * position : 3 * position + 3]
-        entry = {token_id: Logprob(logprob, rank)}
+        token_id, rank = self._sampled_ids_and_ranks[2 * position : 2 * position + 2]
+        entry = {token_id: Logprob(self._sampled_logprobs[position], rank)}
         start, end = position * self.num_top, (position + 1) * self.num_top
         top = zip(self._top_ids[start:end], self._top_logprobs[start:end])
         for top_rank, (top_id, top_logprob) in enumerate(top, start=1):

@@ -184,7 +184,8 @@ class OnlineTrainer(Trainer):
         completion_tensor, completion_mask = right_pad(output.completion_ids, pad, device)
         sampling_logps = None
         if output.logprobs is not None:
-            sampling_logps, _ = right_pad(output.logprobs, 0, device, dtype=torch.float32)
+            # In float64, the engine's own type: its rows are copied as bytes rather than converted.
+            sampling_logps = right_pad(output.logprobs, 0, device, dtype=torch.float64)[0].float()
         generated = Generated(
             prompts=list(prompts),
             completion_ids=output.completion_ids,

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,7 @@ class RolloutOutput:
     """One completion per prompt entry: token ids, the generator's logprob of each token, truncation."""
 
     completion_ids: list[list[int]]
-    logprobs: list[list[float]] | None
+    logprobs: list[Sequence[float]] | None  # lists, or C arrays of doubles
     truncated: list[bool]
 
 
