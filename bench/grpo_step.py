@@ -29,7 +29,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from bench.shapes import SHAPES, write_checkpoint
-from bench.step_profile import StepProfiler
+from bench.step_profile import StepProfiler, name_host_functions
 from flywheel import GRPOConfig, GRPOTrainer
 from flywheel.server.launch import free_port, launch_server
 from flywheel.trainer.metrics import PHASES
@@ -90,6 +90,7 @@ def run_mode(mode: str, checkpoint: str, options: argparse.Namespace, workdir: P
         if options.steps < 3 or not on_gpu:
             raise ValueError("--profile needs a GPU and --steps >= 3 (a profiler for each of the last two)")
         last = options.warmup + options.steps - 1
+        name_host_functions()
         profiler = StepProfiler(torch_step=last - 1, out_prefix=Path(options.out).with_suffix(f".{mode}"))
         callbacks.append(profiler)
     trainer = GRPOTrainer(model=checkpoint, reward_funcs=char_fraction_reward("aeiou"), args=args,

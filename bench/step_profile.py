@@ -7,18 +7,77 @@ under cProfile, and a summary of each is printed and written next to the JSON re
 from __future__ import annotations
 
 import cProfile
+import functools
+import importlib
 import io
 import pstats
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import TrainerCallback
 
-
-
 PHASE_PREFIXES = ("train/", "eval/")
+RANGE_PREFIX = "host:"
+ATTRIBUTED_GAP_MS = 0.05  # idle stretches shorter than this are counted, not attributed
+
+# The host functions of a step that get a named range while profiling: (module, owner or None, attribute).
+HOST_FUNCTIONS = [
+    ("flywheel.trainer.online_trainer", None, "tokenize_prompts"),
+    ("flywheel.trainer.online_trainer", None, "left_pad"),
+    ("flywheel.trainer.online_trainer", None, "right_pad"),
+    ("flywheel.trainer.online_trainer", "OnlineTrainer", "_log_lengths"),
+    ("flywheel.trainer.online_trainer", "OnlineTrainer", "training_step"),
+    ("flywheel.trainer.grpo_trainer", None, "split_batch"),
+    ("flywheel.trainer.grpo_trainer", None, "completion_logps"),
+    ("flywheel.trainer.grpo_trainer", "GRPOTrainer", "_generate_and_score"),
+    ("flywheel.trainer.grpo_trainer", "GRPOTrainer", "_advantages"),
+    ("flywheel.trainer.grpo_trainer", None, "grpo_loss"),
+    ("flywheel.trainer.logprobs", None, "_prompt_groups"),
+    ("flywheel.trainer.logprobs", None, "packed_completion_logits"),
+    ("flywheel.trainer.prompt_packing", "PackedLayout", "build"),
+    ("flywheel.trainer.rollout", "ColocateRollout", "generate"),
+    ("flywheel.trainer.rollout", "ColocateRollout", "_push_weights"),
+    ("flywheel.engine.llm", "LLM", "generate"),
+    ("flywheel.engine.engine", "LLMEngine", "add_request"),
+    ("flywheel.engine.engine", "LLMEngine", "step"),
+    ("flywheel.engine.engine", "LLMEngine", "_launch_next_decode"),
+    ("flywheel.engine.engine", "LLMEngine", "_append_tokens"),
+    ("flywheel.engine.engine", "LLMEngine", "_request_output"),
+    ("flywheel.engine.engine", "LLMEngine", "_fork"),
+    ("flywheel.engine.scheduler", "Scheduler", "schedule"),
+    ("flywheel.engine.model_runner", "ModelRunner", "prepare"),
+    ("flywheel.engine.model_runner", "ModelRunner", "execute"),
+    ("flywheel.engine.sampler", "Sampler", "__call__"),
+    ("flywheel.engine.sampler", "Sampler", "draw_async"),
+    ("flywheel.engine.sampler", "PendingDraw", "result"),
+    ("accelerate.accelerator", "Accelerator", "backward"),
+    ("accelerate.accelerator", "Accelerator", "clip_grad_norm_"),
+    ("accelerate.optimizer", "AcceleratedOptimizer", "step"),
+    ("transformers.trainer", "Trainer", "_maybe_log_save_evaluate"),
+    ("transformers.trainer", "Trainer", "get_batch_samples"),
+]
+
+
+@functools.cache
+def name_host_functions() -> None:
+    """Wrap each of HOST_FUNCTIONS in a named range (once), so that a trace says what the host did while the
+    GPU idled."""
+    for module_name, owner_name, attribute in HOST_FUNCTIONS:
+        owner = importlib.import_module(module_name)
+        if owner_name is not None:
+            owner = getattr(owner, owner_name)
+        raw = owner.__dict__[attribute] if owner_name is not None else getattr(owner, attribute)
+        wrap = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+        label = f"{RANGE_PREFIX}{owner_name or module_name.rsplit('.', 1)[-1]}.{attribute}"
+
+        def ranged(*args, _original=wrap, _label=label, **kwargs):
+            with record_function(_label):
+                return _original(*args, **kwargs)
+
+        ranged = functools.wraps(wrap)(ranged)
+        setattr(owner, attribute, type(raw)(ranged) if isinstance(raw, (staticmethod, classmethod)) else ranged)
 
 
 def busy_ms(spans: list[tuple[float, float]]) -> float:
@@ -48,7 +107,36 @@ def device_summary(prof: profile) -> list[str]:
         lines += _largest(inside)
     outside = [k for k in kernels if not any(start <= k.time_range.start < end for _, start, end in spans)]
     lines.append("outside the timed phases (training):")
-    return lines + _largest(outside)
+    lines += _largest(outside)
+    ranges = [e for e in prof.events() if e.device_type != cuda and e.name.startswith(RANGE_PREFIX)]
+    return lines + idle_attribution(_idle_stretches(spans_all), ranges)
+
+
+def idle_attribution(gaps: list[tuple[float, float]], ranges: list) -> list[str]:
+    """What the host was doing while the GPU idled: the idle time inside each named host range
+    (nested ranges each count it), and the innermost ranges over each of the longest stretches."""
+    total = sum(length for _, length in gaps)
+    lines = [f"GPU idle {total:.1f} ms in the step; idle time inside each host range (ms, stretches of "
+             f"{ATTRIBUTED_GAP_MS} ms or more):"]
+    per_range: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for start, length in (gap for gap in gaps if gap[1] >= ATTRIBUTED_GAP_MS):
+        end = start + length * 1e3
+        for event in ranges:
+            overlap = min(end, event.time_range.end) - max(start, event.time_range.start)
+            if overlap > 0:
+                per_range[event.name][0] += overlap / 1e3
+                per_range[event.name][1] += 1
+    for name, (ms, count) in sorted(per_range.items(), key=lambda item: -item[1][0])[:25]:
+        lines.append(f"    {name[len(RANGE_PREFIX):]:<50} {ms:8.1f} ms {count:7d}")
+    origin = min((e.time_range.start for e in ranges), default=0.0)
+    lines.append("the longest idle stretches, with the innermost host ranges over them:")
+    for start, length in gaps[:12]:
+        middle = start + length * 500
+        inside = sorted((e for e in ranges if e.time_range.start <= middle <= e.time_range.end),
+                        key=lambda e: e.time_range.elapsed_us())
+        names = " < ".join(e.name[len(RANGE_PREFIX):] for e in inside[:4]) or "(no named range)"
+        lines.append(f"    {length:7.1f} ms at {(start - origin) / 1e3:8.1f} ms: {names}")
+    return lines
 
 
 def _idle_stretches(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
