@@ -3,11 +3,11 @@
 Order of processing: penalties (repetition, presence, frequency), the min_tokens ban on stop
 tokens, temperature, then top-k / top-p / min-p truncation and the draw. "Processed" logprobs are
 the log-softmax after penalties and temperature; "raw" ones the log-softmax of the model's logits.
-On a GPU the draw is the exponential race (argmax of p / E with E ~ Exp(1), i.e. Gumbel-max) in one
-Triton pass over the logits (``kernels.sampling``), and a batch that needs none of the processing
-above beyond temperature goes through that pass alone. On the CPU it is one uniform draw per row
-against the running sum of the probabilities. Either way a request with a seed draws its noise from
-its own stream, whatever else is in the batch.
+The draw is one uniform per row against the running sum of the probabilities: on a GPU in two
+Triton kernels over the logits (``kernels.sampling``: each chunk's maximum and sum, then the row's
+chunk and column), through which a batch that needs none of the processing above beyond temperature
+goes alone; on the CPU with torch operations. Either way a request with a seed draws from its own
+stream, whatever else is in the batch.
 """
 
 from __future__ import annotations
