@@ -16,7 +16,7 @@ class Logprob:
 
 
 class TokenLogprobs(Sequence[dict[int, Logprob]]):
-    """A completion's per-token logprobs in flat lists, read as one ``dict[token_id, Logprob]`` per
+    """A completion's per-token logprobs in flat sequences, read as one ``dict[token_id, Logprob]`` per
     token (the sampled token first, then the top-k); a token's dict is built only when read."""
 
     __slots__ = ("num_top", "_sampled_ids_and_ranks", "_sampled_logprobs", "_top_ids", "_top_logprobs")
