@@ -61,7 +61,9 @@ def stub_device_work(llm: LLM) -> list[float]:
 
     def execute(inputs):
         launches.append(time.perf_counter())
-        return torch.empty(len(inputs.input_ids), 1)
+        # One row of logits per sequence: a prefill's come from its logits indices.
+        rows = inputs.input_ids if inputs.logits_indices is None else inputs.logits_indices
+        return torch.empty(len(rows), 1)
 
     engine.ranks.execute = execute
     return launches
