@@ -1,7 +1,8 @@
 """Where a GRPO step's time goes: one step under torch.profiler (GPU kernels per phase), one under cProfile (host).
 
 Used by `bench.grpo_step --profile`: the last timed step but one runs under torch.profiler, the last
-under cProfile, and a summary of each is printed and written next to the JSON report.
+under cProfile, and a summary of each is printed and written next to the JSON report. The step's host
+functions (HOST_FUNCTIONS) get named ranges, so that the GPU's idle stretches are attributed to them.
 """
 
 from __future__ import annotations
