@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pack-prompts", action="store_true",
                         help="train each group packed behind one copy of its prompt (both modes)")
     parser.add_argument("--profile", action="store_true",
-                        help="profile the last two timed steps (kernels per phase and the GPU's idle time by host function, then host functions)")
+                        help="profile the last two timed steps (kernels per phase and the GPU's idle time by "
+                             "host function, then host functions)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="grpo_step.json")
     options = parser.parse_args(argv)
