@@ -1,12 +1,16 @@
 """GRPOTrainer with transformers `generate` (use_vllm=False): it learns, and its inputs reach the rewards."""
 
+import threading
+
 import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from flywheel import GRPOConfig, GRPOTrainer
+from flywheel.trainer import online_trainer
 from flywheel.trainer.gc_freeze import FreezeAfterFirstStep
+from flywheel.trainer.prompts import decode_completions
 from flywheel.trainer.rewards import char_fraction_reward
 
 lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lowercase_fraction")
@@ -96,12 +100,19 @@ def test_model_object_and_its_tokenizer_are_accepted(tiny_checkpoints, tmp_path)
     assert {"eval_reward", "eval_completions/mean_length", "eval_time/generation"} <= set(trainer.state.log_history[-1])
 
 
-def test_rewards_are_computed_after_the_first_training_forward_is_launched(tiny_checkpoints, tmp_path):
-    events = []
+def test_rewards_are_computed_after_the_first_training_forward_is_launched(tiny_checkpoints, tmp_path,
+                                                                          monkeypatch):
+    events, decoding_threads = [], []
 
     def counting_reward(prompts, completions, **kwargs):
         events.append("reward")
         return lowercase_fraction(completions=completions, **kwargs)
+
+    def recorded_decode(*args):
+        decoding_threads.append(threading.current_thread())
+        return decode_completions(*args)
+
+    monkeypatch.setattr(online_trainer, "decode_completions", recorded_decode)
 
     args = learning_args(tmp_path, per_device_train_batch_size=8, num_generations=4, max_steps=2,
                          gradient_accumulation_steps=2)
@@ -114,6 +125,8 @@ def test_rewards_are_computed_after_the_first_training_forward_is_launched(tiny_
     micro_batch = ["forward", "forward"]
     assert events == (micro_batch + ["reward"] + micro_batch) * 2, events
     assert all(entry["time/reward"] > 0 for entry in trainer.state.log_history if "time/reward" in entry)
+    # The completions were decoded beside the main thread, once per generation.
+    assert len(decoding_threads) == 2 and threading.main_thread() not in decoding_threads
 
 
 def test_gspo_with_two_sided_clipping_learns_off_policy(tiny_checkpoints, tmp_path):

@@ -131,7 +131,7 @@ class GRPOTrainer(OnlineTrainer):
         generated = self.generate(prompts, mode)
 
         # Computed once, when the loss first asks: after it has launched its micro-batch's forward pass,
-        # so that decoding the completions and calling the reward functions overlap that pass on the GPU.
+        # so that calling the reward functions (on completions decoded meanwhile) overlaps that pass on the GPU.
         @functools.cache
         def advantages() -> torch.Tensor:
             with self.metrics.timed(mode, "reward"):

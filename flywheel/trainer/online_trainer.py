@@ -7,8 +7,8 @@ completion-length and phase-time metrics, and logging them with the Trainer's ow
 from __future__ import annotations
 
 import copy
-import functools
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MethodType
 from typing import Any
@@ -47,12 +47,12 @@ class Generated:
     prompt_mask: torch.Tensor
     completion_ids_padded: torch.Tensor  # [B, C] right-padded
     completion_mask: torch.Tensor
-    tokenizer: PreTrainedTokenizerBase = field(repr=False)
+    decoding: Future = field(repr=False)  # of the completion texts
 
-    @functools.cached_property
+    @property
     def completions(self) -> list[Any]:
-        """The completion texts (messages for conversational prompts), decoded when first read."""
-        return decode_completions(self.prompts, self.completion_ids, self.tokenizer)
+        """The completion texts (messages for conversational prompts), decoded beside the main thread."""
+        return self.decoding.result()
 
 
 def identity_collator(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -136,6 +136,9 @@ class OnlineTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.prepare_forward(self.model)
         self.metrics = MetricsLog()
+        # Completions are decoded here while the main thread pads the batch and launches the first forward
+        # pass: the Rust tokenizer releases the GIL.
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flywheel-decode")
         self._metrics_logged_step = 0
         self.eos_token_ids = self._eos_token_ids()
         destroy_gloo_group_at_exit(self)  # registered before the rollout's own exit hooks, so it runs after them
@@ -179,6 +182,8 @@ class OnlineTrainer(Trainer):
             self.rollout.wake_up()
             output = self.rollout.generate(prompt_ids)
             self.rollout.sleep()
+        decoding = self._decoder.submit(decode_completions, list(prompts), output.completion_ids,
+                                        self.processing_class)
         pad = self.processing_class.pad_token_id
         prompt_tensor, prompt_mask = left_pad(prompt_ids, pad, device)
         completion_tensor, completion_mask = right_pad(output.completion_ids, pad, device)
@@ -195,7 +200,7 @@ class OnlineTrainer(Trainer):
             prompt_mask=prompt_mask,
             completion_ids_padded=completion_tensor,
             completion_mask=completion_mask,
-            tokenizer=self.processing_class,
+            decoding=decoding,
         )
         self._log_lengths(mode, generated)
         return generated
