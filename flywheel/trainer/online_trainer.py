@@ -175,6 +175,7 @@ class OnlineTrainer(Trainer):
     def generate(self, prompts: list[Any], mode: str) -> Generated:
         """Sync weights if they changed, then one completion per prompt entry, from this process's share."""
         device = self.accelerator.device
+        prompts = list(prompts)
         prompt_ids = tokenize_prompts(prompts, self.processing_class, self.args.max_prompt_length)
         with self.metrics.timed(mode, "weight_sync"):
             self.rollout.sync_weights(self.accelerator.unwrap_model(self.model), self.state.global_step)
@@ -182,8 +183,7 @@ class OnlineTrainer(Trainer):
             self.rollout.wake_up()
             output = self.rollout.generate(prompt_ids)
             self.rollout.sleep()
-        decoding = self._decoder.submit(decode_completions, list(prompts), output.completion_ids,
-                                        self.processing_class)
+        decoding = self._decoder.submit(decode_completions, prompts, output.completion_ids, self.processing_class)
         pad = self.processing_class.pad_token_id
         prompt_tensor, prompt_mask = left_pad(prompt_ids, pad, device)
         completion_tensor, completion_mask = right_pad(output.completion_ids, pad, device)
@@ -192,7 +192,7 @@ class OnlineTrainer(Trainer):
             # In float64, the engine's own type: its rows are copied as bytes rather than converted.
             sampling_logps = right_pad(output.logprobs, 0, device, dtype=torch.float64)[0].float()
         generated = Generated(
-            prompts=list(prompts),
+            prompts=prompts,
             completion_ids=output.completion_ids,
             truncated=torch.tensor(output.truncated, dtype=torch.bool, device=device),
             sampling_logps=sampling_logps,

@@ -30,8 +30,8 @@ def _scaled(base, cols, end, scale):
 
 
 @triton.jit
-def _row_scale(temperature_ptr, row):
-    temperature = tl.load(temperature_ptr + row)
+def _scale(temperature):
+    """The factor from a logit to z: log2 e / T (T taken as 1 for a greedy row)."""
     return tl.where(temperature == 0.0, 1.0, 1.0 / temperature) * _LOG2E
 
 
@@ -40,7 +40,7 @@ def _chunk_stats_kernel(logits_ptr, stride_row, n_cols, temperature_ptr, stats_p
                         CHUNK: tl.constexpr):
     """Each chunk's maximum z and Σ exp2(z − maximum) (0 for a chunk of masked logits only)."""
     row = tl.program_id(0)
-    scale = _row_scale(temperature_ptr, row)
+    scale = _scale(tl.load(temperature_ptr + row))
     base = logits_ptr + row.to(tl.int64) * stride_row
     lane = tl.arange(0, CHUNK)
     first = tl.program_id(1) * chunks_per_program
@@ -60,8 +60,9 @@ def _pick_kernel(logits_ptr, stride_row, n_cols, temperature_ptr, seeds_ptr, ste
                  WITH_RANKS: tl.constexpr):
     """A row's token and logprob from its chunks' statistics and one pass over the chunk it picks."""
     row = tl.program_id(0)
-    greedy = tl.load(temperature_ptr + row) == 0.0
-    scale = _row_scale(temperature_ptr, row)
+    temperature = tl.load(temperature_ptr + row)
+    greedy = temperature == 0.0
+    scale = _scale(temperature)
     index = tl.arange(0, CHUNKS)
     stats = stats_ptr + (row * n_chunks + index) * 2
     tops = tl.load(stats, mask=index < n_chunks, other=float("-inf"))
@@ -73,7 +74,7 @@ def _pick_kernel(logits_ptr, stride_row, n_cols, temperature_ptr, seeds_ptr, ste
     if HAS_ROW_SEEDS:
         row_seed = tl.load(seeds_ptr + row)
         seed = tl.where(row_seed >= 0, row_seed, seed)
-    target = tl.sum(tl.where(index == 0, tl.rand(seed, index), 0.0), 0) * row_sum
+    target = tl.sum(tl.rand(seed, tl.zeros((1,), tl.int32)), 0) * row_sum  # one uniform: Philox at offset 0
     ends = tl.cumsum(weights, 0)
     # The first chunk whose running sum passes the target (the last one that has any weight, should
     # rounding leave the target at the very end); greedy rows take the first chunk holding the maximum.
@@ -89,11 +90,11 @@ def _pick_kernel(logits_ptr, stride_row, n_cols, temperature_ptr, seeds_ptr, ste
     z = _scaled(logits_ptr + row.to(tl.int64) * stride_row, cols, n_cols, scale)
     # The target inside the chunk, in the units of its own maximum.
     inside = (target - before) * tl.exp2(row_max - chunk_top)
-    weights = tl.exp2(z - chunk_top)
-    running = tl.cumsum(weights, 0)
+    lane_weights = tl.exp2(z - chunk_top)
+    running = tl.cumsum(lane_weights, 0)
     # Rounding may put the target just outside the chunk's own sum: the draw stays on a token of weight.
-    first_positive = tl.min(tl.where(weights > 0.0, lane, CHUNK), 0)
-    last_positive = tl.max(tl.where(weights > 0.0, lane, 0), 0)
+    first_positive = tl.min(tl.where(lane_weights > 0.0, lane, CHUNK), 0)
+    last_positive = tl.max(tl.where(lane_weights > 0.0, lane, 0), 0)
     sampled_lane = tl.maximum(tl.minimum(tl.sum((running <= inside).to(tl.int32), 0), last_positive), first_positive)
     greedy_lane = tl.min(tl.where(z == chunk_top, lane, CHUNK), 0)
     picked = tl.where(greedy, greedy_lane, sampled_lane)
