@@ -89,8 +89,11 @@ def test_gpu_overlapped_decode_equals_step_by_step(tiny_checkpoints):
     one's tokens are known must not change a completion, its stops or its logprobs."""
     llm = LLM(tiny_checkpoints["qwen2"], dtype="float32", device="cuda", gpu_memory_utilization=0.3, max_num_seqs=64)
     vocab = llm.engine.hf_config.vocab_size
+    # Even prompts stop on one token in nine (almost surely within their length); odd ones can only
+    # reach their length. Sequences stop at different steps, while later steps are in flight.
     params = [
-        SamplingParams(n=3, seed=index, max_tokens=40 - 5 * index, logprobs=0, stop_token_ids=list(range(index, vocab, 9)))
+        SamplingParams(n=3, seed=index, max_tokens=40 - 5 * index, logprobs=0,
+                       stop_token_ids=list(range(index, vocab, 9)) if index % 2 == 0 else [], ignore_eos=index % 2 == 1)
         for index in range(len(PROMPTS))
     ]
 
