@@ -57,6 +57,7 @@ def projections(shape: str) -> dict[str, tuple[int, int, bool]]:
 
 def variants(rows: int, width: int, out_width: int, bias: bool, padded_rows: int | None,
              split: bool) -> dict[str, Callable[[], object]]:
+    """The forms of one product x @ Wᵀ (+ bias) by name; `mm_out` and `split2` leave the bias out."""
     device, dtype = "cuda", torch.bfloat16
     x = torch.randn(rows, width, device=device, dtype=dtype)
     weight = torch.randn(out_width, width, device=device, dtype=dtype) * 0.02
