@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from tokenizers import processors
 
 from conftest import hf_greedy
 from flywheel import LLM, SamplingParams
+from flywheel.testing import byte_tokenizer, write_tiny_checkpoint
 
 MIXED_PROMPTS = [[5, 6, 7], list(range(20, 57)), [9] * 16, list(range(100, 117)), [42]]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -42,6 +44,22 @@ def test_text_prompts_and_chat(tiny_checkpoints):
     expected = llm.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert chat.prompt == expected
     assert len(llm.chat([conversation, conversation], GREEDY)) == 2
+
+
+def test_text_prompts_take_the_tokenizers_bos_and_chat_adds_none(tmp_path):
+    """As vLLM: written text is encoded with the tokenizer's special tokens; a chat template carries its own."""
+    path = write_tiny_checkpoint(tmp_path / "llama", "llama", seed=2)
+    tokenizer = byte_tokenizer()
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    tokenizer.save_pretrained(path)
+    llm = LLM(str(path), dtype="float32")
+    [by_text] = llm.generate("hi", SamplingParams(max_tokens=1))
+    assert by_text.prompt_token_ids == [bos, *b"hi"]
+    conversation = [{"role": "user", "content": "hi"}]
+    [chat] = llm.chat(conversation, SamplingParams(max_tokens=1))
+    assert chat.prompt_token_ids == tokenizer.encode(chat.prompt, add_special_tokens=False)
 
 
 def test_tensor_parallel_matches_single_rank(tiny_checkpoints):

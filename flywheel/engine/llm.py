@@ -36,8 +36,16 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Complete every prompt (text or token ids); one RequestOutput per prompt, in order."""
-        texts, token_ids = self._normalize_prompts(prompts)
+        """Complete every prompt (text or token ids); one RequestOutput per prompt, in order.
+
+        Text is tokenized with the tokenizer's special tokens (a BOS where the model has one), as written
+        prompts expect; `chat` renders its template, which carries them, and adds none.
+        """
+        return self._generate(prompts, sampling_params, use_tqdm, add_special_tokens=True)
+
+    def _generate(self, prompts: Prompts, sampling_params: SamplingParams | list[SamplingParams] | None,
+                  use_tqdm: bool, add_special_tokens: bool) -> list[RequestOutput]:
+        texts, token_ids = self._normalize_prompts(prompts, add_special_tokens)
         params = self._params_per_prompt(sampling_params, len(token_ids))
         request_ids = []
         try:
@@ -68,7 +76,7 @@ class LLM:
             )
             for conversation in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self._generate(prompts, sampling_params, use_tqdm, add_special_tokens=False)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace weights by Hugging Face name (as ``model.named_parameters()`` yields them)."""
@@ -86,13 +94,13 @@ class LLM:
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    def _normalize_prompts(self, prompts: Prompts) -> tuple[list[str | None], list[list[int]]]:
+    def _normalize_prompts(self, prompts: Prompts, add_special_tokens: bool) -> tuple[list[str | None], list[list[int]]]:
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
         if all(isinstance(p, str) for p in prompts):
-            return list(prompts), [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+            return list(prompts), [self.tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
         if all(isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in prompts):
             return [None] * len(prompts), [list(p) for p in prompts]
         raise ValueError("prompts must be all strings or all lists of token ids")

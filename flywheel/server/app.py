@@ -189,8 +189,8 @@ def generate_response(outputs: list[dict[str, Any]], with_logprobs: bool) -> Gen
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids of a text prompt, as the offline LLM computes them."""
-    return tokenizer.encode(text, add_special_tokens=False)
+    """Token ids of a text prompt, as the offline LLM computes them (with the tokenizer's special tokens)."""
+    return tokenizer.encode(text, add_special_tokens=True)
 
 
 def encode_conversation(tokenizer, conversation: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> list[int]:
