@@ -354,15 +354,27 @@ class LLMEngine:
         return None
 
     def _hits_stop_string(self, seq: Sequence) -> bool:
-        longest = max(len(s) for s in seq.params.stop)
+        """Whether the newest token completes a stop string; if so, marks where the output text ends.
+
+        Only a stop string that ends in the newest token's text counts, as in vLLM: the text before it
+        was checked at its own step, or was inside `min_tokens`.
+        """
+        params = seq.params
+        ids = seq.completion_token_ids
+        longest = max(len(stop) for stop in params.stop)
         # A stop string of L characters spans at most 4L byte-level tokens.
-        tail = self.tokenizer.decode(seq.completion_token_ids[-(4 * longest + 4) :], skip_special_tokens=True)
-        if not any(stop in tail for stop in seq.params.stop):
+        window = ids[-(4 * longest + 4) :]
+        tail = self._completion_text(window, params)
+        new_chars = max(0, len(tail) - len(self._completion_text(window[:-1], params)))
+        if not any(stop in tail[max(0, len(tail) - new_chars - len(stop) + 1) :] for stop in params.stop):
             return False
-        text = self._completion_text(seq.completion_token_ids, seq.params)
-        ends = [(text.find(stop), stop) for stop in seq.params.stop if stop in text]
-        position, stop = min(ends)
-        seq.stop_text_end = position + len(stop) if seq.params.include_stop_str_in_output else position
+        text = self._completion_text(ids, params)
+        starts = [(text.find(stop, max(0, len(text) - new_chars - len(stop) + 1)), stop) for stop in params.stop]
+        found = [(position, stop) for position, stop in starts if position >= 0]
+        if not found:
+            return False
+        position, stop = min(found)
+        seq.stop_text_end = position + len(stop) if params.include_stop_str_in_output else position
         return True
 
     def _completion_text(self, token_ids: list[int], params: SamplingParams) -> str:
@@ -386,7 +398,10 @@ class LLMEngine:
     def _output_text(self, seq: Sequence) -> str:
         if not seq.params.detokenize:
             return ""
-        text = self._completion_text(seq.completion_token_ids, seq.params)
+        ids = seq.completion_token_ids
+        if seq.finish_reason == "stop" and seq.stop_text_end is None and not seq.params.include_stop_str_in_output:
+            ids = ids[:-1]  # a stop token's text is left out (its id stays in token_ids), as in vLLM
+        text = self._completion_text(ids, seq.params)
         if seq.stop_text_end is not None:
             return text[: seq.stop_text_end]
         if not seq.is_finished and seq.params.stop:
