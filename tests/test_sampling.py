@@ -40,6 +40,16 @@ def test_top_k_top_p_min_p_never_sample_outside_their_support():
     assert set(draw(SamplingParams(min_p=0.3), 4000).tolist()) == above
 
 
+def test_top_p_applies_to_what_top_k_keeps():
+    """As transformers' TopK then TopP warpers: the nucleus is taken of the top-k, renormalized."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    for top_k, top_p in [(2, 0.5), (3, 0.6), (4, 0.8), (5, 0.45)]:
+        expected = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, LOGITS[None].clone()))
+        support = set(torch.isfinite(expected[0]).nonzero().flatten().tolist())
+        assert set(draw(SamplingParams(top_k=top_k, top_p=top_p), 2000).tolist()) == support
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
 def test_temperature_distribution_matches_softmax(temperature):
     num_draws = 20000

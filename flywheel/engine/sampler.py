@@ -244,8 +244,10 @@ class Sampler:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
             drop = ranks >= tensors.top_k[:, None]
-            # Keep the smallest set of tokens whose mass reaches top_p (always the most likely one).
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            # Of the top k, keep the smallest set whose share of their mass reaches top_p (always the most
+            # likely one): top_p applies to the distribution left by top_k, as in vLLM and transformers.
+            kept = sorted_probs.masked_fill(drop, 0.0)
+            mass_before = (kept.cumsum(dim=-1) - kept) / kept.sum(dim=-1, keepdim=True)
             drop |= mass_before >= tensors.top_p[:, None]
             drop[:, 0] = False
             probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
