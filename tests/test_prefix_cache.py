@@ -54,6 +54,22 @@ def test_repeated_prompt_hits_the_prefix_cache(tiny_checkpoints, hf_models):
     assert llm.engine.stats.prefix_cache_hit_tokens == 32
 
 
+def test_a_prompt_of_whole_cached_blocks_recomputes_its_last_block_elsewhere(tiny_checkpoints):
+    """Its last token is recomputed: written into the cached block, it would change the keys and values
+    that a running sequence reads (as vLLM, hits stop before the last token)."""
+    llm = LLM(tiny_checkpoints["qwen2"], dtype="float32", block_size=4)
+    engine, prompt = llm.engine, list(range(40, 48))  # two whole blocks
+    engine.add_request("running", prompt, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    engine.step()
+    [running] = engine.requests["running"].seqs
+    cached = running.block_table[1]
+    before = [layer[cached].clone() for cache in engine.runner.kv_caches for layer in cache]
+    llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))
+    after = [layer[cached] for cache in engine.runner.kv_caches for layer in cache]
+    assert all(a.equal(b) for a, b in zip(after, before))
+    assert engine.stats.prefix_cache_hit_tokens == 4  # the first block; the second holds the last token
+
+
 def test_prefix_caching_can_be_disabled(tiny_checkpoints):
     llm = LLM(tiny_checkpoints["qwen2"], dtype="float32", enable_prefix_caching=False)
     greedy = SamplingParams(temperature=0.0, max_tokens=4)

@@ -66,11 +66,15 @@ class BlockManager:
         return block
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Block ids of the longest cached prefix of ``seq``'s full blocks."""
+        """Block ids of the longest cached prefix of ``seq``'s full blocks before its last token.
+
+        The last token is always recomputed (its logits give the next token), and its keys and values
+        are written where it sits: never into a cached block, which other sequences may be reading.
+        """
         if not self.enable_prefix_caching:
             return []
         hits, parent = [], None
-        for start in range(0, len(seq) - self.block_size + 1, self.block_size):
+        for start in range(0, len(seq) - self.block_size, self.block_size):
             tokens = seq.token_ids[start : start + self.block_size]
             parent = block_hash(parent, tokens)
             block_id = self.hash_to_block_id.get(parent)
@@ -96,9 +100,8 @@ class BlockManager:
             seq.block_table.append(block_id)
         for _ in range(seq.num_blocks_needed(self.block_size) - len(hits)):
             seq.block_table.append(self._take_free_block().block_id)
-        # The last prompt token is always recomputed: its logits are what the next token comes from.
         seq.table_version += 1
-        seq.num_cached_tokens = min(len(hits) * self.block_size, len(seq) - 1)
+        seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
         self.prefix_cache_hit_tokens += seq.num_cached_tokens
 
