@@ -41,3 +41,21 @@ def test_reward_rises_and_server_gets_the_trained_weights(tiny_checkpoints, serv
         check_engine_has_trained_weights(trainer, tiny_checkpoints["qwen2"])
     finally:
         trainer.rollout.close()
+
+
+def test_the_first_rollout_samples_the_trained_weights(tiny_checkpoints, server, tmp_path):
+    """The server may serve another checkpoint than the trainer loads: it gets the trainer's weights first."""
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=8, max_completion_length=6,
+        max_steps=1, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+        use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=server,
+        vllm_group_port=free_port(),
+    )
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2_b"], reward_funcs=lowercase_fraction, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["Say:"] * 8}))
+    try:
+        trainer.train()
+        [logged] = [entry for entry in trainer.state.log_history if "sampling/sampling_logp_difference/mean" in entry]
+        assert logged["sampling/sampling_logp_difference/mean"] < 1e-3
+    finally:
+        trainer.rollout.close()

@@ -210,8 +210,7 @@ class ServerRollout(Rollout):
     over the collective group the client opens with the server.
     """
 
-    def __init__(self, args: RolloutTrainingArguments, settings: SamplingSettings, accelerator: Accelerator,
-                 model_from_server_checkpoint: bool) -> None:
+    def __init__(self, args: RolloutTrainingArguments, settings: SamplingSettings, accelerator: Accelerator) -> None:
         super().__init__()
         self.settings = settings
         self.accelerator = accelerator
@@ -227,8 +226,6 @@ class ServerRollout(Rollout):
             self.client.init_communicator(device="cpu" if device.type == "cpu" else device.index or 0)
             # A group left open would refuse the next trainer that connects to this server.
             atexit.register(self.client.close_communicator)
-        # A model loaded from the path the server serves starts with the server's weights.
-        self.synced_version = 0 if model_from_server_checkpoint else None
 
     def generate(self, prompt_ids: list[list[int]]) -> RolloutOutput:
         per_process = gather_object([prompt_ids])
@@ -291,12 +288,13 @@ def make_rollout(args: RolloutTrainingArguments, model: nn.Module, processing_cl
                  max_model_len: int | None) -> Rollout:
     """The placement `args` asks for: transformers generate, a colocated engine, or a server.
 
-    `model` is the unwrapped trained model; `model_path` the checkpoint it was loaded from (None
-    when it was given as an object, in which case its weights are pushed before the first rollout).
+    `model` is the unwrapped trained model; `model_path` the checkpoint it was loaded from (None when it
+    was given as an object), which a colocated engine loads. Every placement that holds its own copy of
+    the weights gets the trained model's before the first rollout: a server may serve another checkpoint.
     """
     settings = SamplingSettings.from_args(args)
     if not args.use_vllm:
         return TransformersRollout(model, settings, processing_class.pad_token_id, eos_token_ids, accelerator.device)
     if args.vllm_mode == "colocate":
         return ColocateRollout(model, model_path, processing_class, args, settings, accelerator, max_model_len)
-    return ServerRollout(args, settings, accelerator, model_from_server_checkpoint=model_path is not None)
+    return ServerRollout(args, settings, accelerator)
