@@ -81,6 +81,17 @@ def test_colocated_engine_batches_a_whole_rollout_and_sleeps_when_asked(tiny_che
     trainer.rollout.close()
 
 
+def test_colocated_rollout_takes_generation_kwargs_over_its_fields(tiny_checkpoints, tmp_path):
+    args = colocate_args(tmp_path, generation_kwargs={"max_tokens": 3, "top_k": 1})
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["Say:"] * 8}))
+    try:
+        completions = trainer.rollout.generate([[72, 105]] * 4).completion_ids
+    finally:
+        trainer.rollout.close()
+    assert all(len(ids) == 3 for ids in completions) and len({tuple(ids) for ids in completions}) == 1
+
+
 def test_on_policy_loss_takes_old_logprobs_and_importance_weights_from_its_own_forward(tiny_checkpoints, tmp_path):
     """With no optimizer step inside a generation there is no separate old-policy pass, and the loss and
     its gradient are those computed with old logprobs and importance weights from such a pass."""

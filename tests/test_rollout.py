@@ -110,3 +110,11 @@ def test_transformers_rollout_ignores_the_checkpoints_generation_config(tiny_che
     torch.manual_seed(0)
     completions = rollout.generate([[72, 105]] * 16).completion_ids
     assert len({tuple(ids) for ids in completions}) > 1
+
+
+def test_transformers_rollout_takes_generation_kwargs_over_its_fields(tiny_checkpoints):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"])
+    settings = SamplingSettings(max_tokens=8, generation_kwargs={"max_new_tokens": 2, "top_k": 1})
+    rollout = TransformersRollout(model, settings, pad_token_id=256, eos_token_ids=[258], device=torch.device("cpu"))
+    completions = rollout.generate([[72, 105]] * 4).completion_ids
+    assert all(len(ids) == 2 for ids in completions) and len({tuple(ids) for ids in completions}) == 1

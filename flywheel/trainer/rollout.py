@@ -122,13 +122,11 @@ class TransformersRollout(Rollout):
         s = self.settings
         # Every field spelled out: left unset, `generate` would take the checkpoint's generation_config
         # (Qwen ships top_k=20, top_p=0.8, ...) and sample from another distribution than the trainer scores.
-        sampling = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0),
-                        min_p=s.min_p, repetition_penalty=s.repetition_penalty)
-        output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=s.max_tokens,
-            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids, use_cache=True,
-            **{**sampling, **s.generation_kwargs},
-        )
+        options = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0),
+                       min_p=s.min_p, repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_tokens,
+                       pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids, use_cache=True)
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     **{**options, **s.generation_kwargs})
         completions, truncated = [], []
         for row in output[:, input_ids.size(1):].tolist():
             end = next((i for i, token in enumerate(row) if token in self.eos_token_ids), None)
@@ -171,12 +169,10 @@ class ColocateRollout(Rollout):
         runs = prompt_runs(prompt_ids)
         s = self.settings
         # The trainer decodes completions itself; the engine needs their text only to match stop strings.
-        options = {"detokenize": bool(s.generation_kwargs.get("stop")), **s.generation_kwargs}
-        params = [
-            SamplingParams(n=count, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-                           repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens, logprobs=0, **options)
-            for _, count in runs
-        ]
+        options = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+                       repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens,
+                       detokenize=bool(s.generation_kwargs.get("stop")))
+        params = [SamplingParams(n=count, logprobs=0, **{**options, **s.generation_kwargs}) for _, count in runs]
         outputs = self.llm.generate([ids for ids, _ in runs], params, use_tqdm=False)
         completions = [completion for output in outputs for completion in output.outputs]
         return RolloutOutput(

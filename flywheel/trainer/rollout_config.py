@@ -88,7 +88,7 @@ class RolloutTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Further sampling arguments: SamplingParams fields for the engine, or `generate` arguments "
-            "when use_vllm=False. They override the fields above."
+            "when use_vllm=False. They override the fields above; n and logprobs are the rollout's own."
         },
     )
 
@@ -165,6 +165,10 @@ class RolloutTrainingArguments(TrainingArguments):
         for name in ("model_init_kwargs", "generation_kwargs"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, json.loads(getattr(self, name)))
+        reserved = sorted({"n", "logprobs"} & set(self.generation_kwargs or {}))
+        if reserved:
+            raise ValueError(f"generation_kwargs cannot set {', '.join(reserved)}: the rollout samples num_generations "
+                             "completions per prompt, one request each, and asks for the sampled tokens' logprobs")
         if self.vllm_mode not in VLLM_MODES:
             raise ValueError(f"vllm_mode must be one of {VLLM_MODES}, got {self.vllm_mode!r}")
         if self.max_completion_length < 1:
