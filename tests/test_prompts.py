@@ -39,6 +39,15 @@ def test_completions_decode_as_transformers_decodes_them(tokenizer):
     assert message == [{"role": "assistant", "content": "hello"}]
 
 
+def test_a_conversation_ending_with_an_assistant_message_is_continued_from_it(tokenizer):
+    """As TRL: its template is not closed, and the completion reward functions get starts with it."""
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, it is"}]
+    [ids] = tokenize_prompts([conversation], tokenizer, None)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\nSure, it is")
+    [message] = decode_completions([conversation], [list(b" 42.")], tokenizer)
+    assert message == [{"role": "assistant", "content": "Sure, it is 42."}]
+
+
 def test_a_tokenizer_that_decodes_its_own_way_keeps_it(tokenizer):
     class ShoutingTokenizer(type(tokenizer)):
         def _decode(self, token_ids, **kwargs):

@@ -17,9 +17,15 @@ def is_conversational(prompt: Any) -> bool:
 
 
 def prompt_text(prompt: str | list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> str:
-    """The text the model sees: a plain prompt as is, a conversation through the chat template."""
+    """The text the model sees: a plain prompt as is, a conversation through the chat template.
+
+    A conversation that ends with an assistant message is continued from it, as TRL does: that message
+    is the start of the completion (`decode_completions` puts it back in front of the generated text).
+    """
     if is_conversational(prompt):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        continues = _assistant_start(prompt) is not None
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=not continues,
+                                             continue_final_message=continues)
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string or a list of {{role, content}} messages, got {type(prompt)}")
     return prompt
@@ -61,9 +67,16 @@ def decode_completions(prompts: Sequence[Any], completion_ids: Sequence[Sequence
     else:
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return [
-        [{"role": "assistant", "content": text}] if is_conversational(prompt) else text
+        [{"role": "assistant", "content": (_assistant_start(prompt) or "") + text}] if is_conversational(prompt)
+        else text
         for prompt, text in zip(prompts, texts, strict=True)
     ]
+
+
+def _assistant_start(conversation: list[dict[str, str]]) -> str | None:
+    """The content of the assistant message a conversation ends with (the completion's start), or None."""
+    last = conversation[-1]
+    return last["content"] if last["role"] == "assistant" else None
 
 
 @functools.cache
