@@ -83,6 +83,23 @@ def test_conversational_prompts_columns_none_rewards_and_a_reward_model(tiny_che
     assert logged["kl"] >= 0.0
 
 
+def test_a_prompt_ending_with_an_assistant_message_is_continued_and_rewarded_as_in_trl(tiny_checkpoints, tmp_path):
+    """The policy continues the message; reward functions get the prompt without it and a completion starting with it."""
+    seen = {}
+
+    def record(prompts, completions, **kwargs):
+        seen["prompt"], seen["completion"] = prompts[0], completions[0]
+        return [0.0] * len(completions)
+
+    prompt = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is"}]
+    args = learning_args(tmp_path, per_device_train_batch_size=4, num_generations=4, max_steps=1)
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=record, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": [prompt] * 4}))
+    trainer.train()
+    assert seen["prompt"] == prompt[:1]
+    assert seen["completion"][0]["content"].startswith("It is")
+
+
 def test_model_object_and_its_tokenizer_are_accepted(tiny_checkpoints, tmp_path):
     from transformers import AutoTokenizer
 

@@ -30,7 +30,7 @@ from flywheel.trainer.exit_teardown import destroy_gloo_group_at_exit
 from flywheel.trainer.gc_freeze import FreezeAfterFirstStep
 from flywheel.trainer.metrics import MetricsLog
 from flywheel.trainer.prompt_packing import enable_packed_prompts
-from flywheel.trainer.prompts import decode_completions, tokenize_prompts
+from flywheel.trainer.prompts import decode_completions, reward_prompt, tokenize_prompts
 from flywheel.trainer.rollout import make_rollout
 from flywheel.trainer.rollout_config import RolloutTrainingArguments
 
@@ -39,7 +39,7 @@ from flywheel.trainer.rollout_config import RolloutTrainingArguments
 class Generated:
     """This process's completions of one rollout, as lists and as padded tensors."""
 
-    prompts: list[Any]
+    prompts: list[Any]  # as reward functions get them (`reward_prompt`)
     completion_ids: list[list[int]]
     truncated: torch.Tensor  # [B] bool
     sampling_logps: torch.Tensor | None  # [B, C] the generator's logprobs, 0 on padding
@@ -192,7 +192,7 @@ class OnlineTrainer(Trainer):
             # In float64, the engine's own type: its rows are copied as bytes rather than converted.
             sampling_logps = right_pad(output.logprobs, 0, device, dtype=torch.float64)[0].float()
         generated = Generated(
-            prompts=prompts,
+            prompts=[reward_prompt(prompt) for prompt in prompts],
             completion_ids=output.completion_ids,
             truncated=torch.tensor(output.truncated, dtype=torch.bool, device=device),
             sampling_logps=sampling_logps,

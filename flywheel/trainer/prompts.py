@@ -73,6 +73,12 @@ def decode_completions(prompts: Sequence[Any], completion_ids: Sequence[Sequence
     ]
 
 
+def reward_prompt(prompt: Any) -> Any:
+    """The prompt as reward functions and judges get it, as in TRL: a conversation that ended with an assistant
+    message without it (that message begins the completion they get)."""
+    return prompt[:-1] if is_conversational(prompt) and _assistant_start(prompt) is not None else prompt
+
+
 def _assistant_start(conversation: list[dict[str, str]]) -> str | None:
     """The content of the assistant message a conversation ends with (the completion's start), or None."""
     last = conversation[-1]
