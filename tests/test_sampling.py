@@ -196,3 +196,16 @@ def test_streamed_request_reports_its_progress_every_step(llm):
     texts = [o.outputs[0].text for o in streamed]
     assert all(final.startswith(partial) for partial, final in zip(texts, texts[1:]))
     assert streamed[-1].outputs[0].token_ids == seen["quiet"][0].outputs[0].token_ids
+
+
+def test_a_streamed_request_of_several_completions_is_reported_finished_once(llm):
+    """Its last completion may finish after a sibling's progress was recorded in the same step."""
+    engine = llm.engine
+    for request_id, prompt in (("a", [104, 105]), ("b", [97, 98, 99])):
+        engine.add_request(request_id, prompt, SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=6,
+                                                              ignore_eos=True), stream=True)
+    seen = {"a": [], "b": []}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen[output.request_id].append(output.finished)
+    assert all(finished[-1] and finished.count(True) == 1 for finished in seen.values())

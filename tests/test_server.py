@@ -139,6 +139,9 @@ BAD_REQUESTS = [
     ("/generate", {"prompts": ["x"], "generation_kwargs": {"bogus": 1}}, 400, "generation_kwargs.bogus"),
     ("/generate", {"prompts": ["x"], "generation_kwargs": {"min_tokens": 50}, "max_tokens": 4}, 400, "min_tokens"),
     ("/generate", {"prompts": ["x"], "guided_decoding_regex": "a+"}, 422, "guided_decoding_regex"),
+    # In float32 the logits would overflow and the engine's step fail for every request in it.
+    ("/generate", {"prompts": ["x"], "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+    ("/generate", {"prompts": ["x"], "generation_kwargs": {"repetition_penalty": 1e300}}, 400, "repetition_penalty"),
     ("/chat", {"messages": [[]]}, 422, "messages"),
     ("/chat", {"messages": [[{"content": "no role"}]]}, 422, "role"),
     ("/init_communicator", {"host": "127.0.0.1", "port": 1234, "world_size": 7}, 400, "world_size"),
@@ -157,6 +160,14 @@ def test_bad_request_gets_4xx_naming_the_field(client, path, payload, status, fi
 
 def test_oversized_body_gets_413(client):
     response = client.http.post("/generate", json={"prompts": [[1] * 600_000]})
+
+    assert response.status_code == 413 and "max_request_mb" in response.json()["detail"]
+
+
+def test_oversized_body_without_its_length_gets_413(client):
+    body = json.dumps({"prompts": [[1] * 600_000]}).encode()
+    chunks = (body[start : start + 65536] for start in range(0, len(body), 65536))  # sent chunked
+    response = client.http.post("/generate", content=chunks, headers={"content-type": "application/json"})
 
     assert response.status_code == 413 and "max_request_mb" in response.json()["detail"]
 
@@ -301,6 +312,17 @@ def test_streamed_completion_comes_token_by_token_and_adds_up_to_the_whole(api):
     finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
     assert finishes == [whole.choices[0].finish_reason]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_streamed_completions_of_several_prompts_send_each_choice_once(api):
+    request = dict(model=server_model(api), prompt=["hello", "ab"], n=2, max_tokens=6, temperature=1.0, seed=5)
+    whole = api.completions.create(**request)
+    chunks = [chunk for chunk in api.completions.create(stream=True, **request) if chunk.choices]
+
+    for choice in whole.choices:
+        mine = [chunk.choices[0] for chunk in chunks if chunk.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
 
 
 def test_streamed_chat_with_n_choices_matches_the_whole_choice_by_choice(api):

@@ -60,3 +60,18 @@ def test_each_engine_gets_its_slice_of_the_visible_gpus(monkeypatch):
     too_many = parse_options(["--model", "m", "--tensor-parallel-size", "3", "--data-parallel-size", "2"])
     with pytest.raises(ValueError, match="6 GPUs are needed, but only 4"):
         WorkerPool(too_many)._device_slices()
+
+
+def test_requests_that_leave_max_tokens_out_get_a_default_within_max_tokens_limit():
+    from fastapi import HTTPException
+
+    from flywheel.server.app import ServerState
+    from flywheel.server.protocol import GenerateRequest
+
+    state = ServerState(parse_options(["--model", "m", "--max_tokens_limit", "8"]), pool=None, tokenizer=None,
+                        vocab_size=10)
+    assert state.sampling_params(GenerateRequest(prompts=["x"]))["max_tokens"] == 8
+    with pytest.raises(HTTPException, match="limit 8"):
+        state.sampling_params(GenerateRequest(prompts=["x"], max_tokens=16))
+    unlimited = ServerState(parse_options(["--model", "m"]), pool=None, tokenizer=None, vocab_size=10)
+    assert unlimited.sampling_params(GenerateRequest(prompts=["x"]))["max_tokens"] == 16

@@ -339,7 +339,9 @@ class LLMEngine:
         if any_finished:
             self.scheduler.remove_finished()
         self.stats.generated_tokens += appended
-        partial = [self._request_output(request, finished=False) for request in streamed.values()]
+        # A request that finished in this step (after a sibling put it here) is reported once, finished.
+        partial = [self._request_output(request, finished=False) for request in streamed.values()
+                   if request.request_id in self.requests]
         return finished_requests + partial
 
     def _finish_reason(self, seq: Sequence, token: int, stop_ids: set[int]) -> str | None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+MIN_REPETITION_PENALTY = 1e-4
 
 
 @dataclass
@@ -48,7 +51,8 @@ class SamplingParams:
 
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} must be a number, got {value!r}")
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                    f"{name} must be a finite number, got {value!r}")
         for name in ("top_k", "min_tokens"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
@@ -59,7 +63,10 @@ class SamplingParams:
         require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         require(self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 (off) or >= 1, got {self.top_k}")
         require(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        require(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # Logits are divided or multiplied by it in float32: beyond this range they overflow or vanish.
+        require(MIN_REPETITION_PENALTY <= self.repetition_penalty <= 1 / MIN_REPETITION_PENALTY,
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {1 / MIN_REPETITION_PENALTY:g}] "
+                f"(1 is off), got {self.repetition_penalty}")
         require(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         require(
             -2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"

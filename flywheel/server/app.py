@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import TypeAdapter, ValidationError
 
 from flywheel.engine.sampling import SamplingParams
+from flywheel.server.body_limit import BodyLimit
 from flywheel.server.options import ServerOptions
 from flywheel.server.protocol import (
     BatchUpdateRequest,
@@ -43,6 +44,7 @@ SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.name 
 SAMPLING_ADAPTER = TypeAdapter(SamplingParams)
 _DISCONNECT_POLL_S = 0.25
 MIN_TEMPERATURE = 1e-3
+DEFAULT_MAX_TOKENS = 16
 MAX_LOGPROBS = 20
 # A live client beats every HEARTBEAT_INTERVAL_S; this long without one means it is gone.
 CLIENT_SILENCE_S = 4 * HEARTBEAT_INTERVAL_S
@@ -69,6 +71,12 @@ class ServerState:
         if self.options.max_prompt_length is None:
             return longest
         return min(self.options.max_prompt_length, longest) if longest else self.options.max_prompt_length
+
+    @property
+    def default_max_tokens(self) -> int:
+        """max_tokens for a request that leaves it out: 16, as vLLM and TRL's server, within --max_tokens_limit."""
+        limit = self.options.max_tokens_limit
+        return DEFAULT_MAX_TOKENS if limit is None else min(DEFAULT_MAX_TOKENS, limit)
 
     # -- request checks (400 naming the field)
 
@@ -111,9 +119,10 @@ class ServerState:
         if unknown:
             raise HTTPException(400, f"generation_kwargs.{unknown[0]}: not a SamplingParams field "
                                      f"(known: {sorted(SAMPLING_FIELDS)})")
+        max_tokens = request.max_tokens if "max_tokens" in request.model_fields_set else self.default_max_tokens
         params = dict(n=request.n, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                       min_p=request.min_p, repetition_penalty=request.repetition_penalty,
-                      max_tokens=request.max_tokens, logprobs=request.logprobs, seed=request.seed,
+                      max_tokens=max_tokens, logprobs=request.logprobs, seed=request.seed,
                       stop=request.stop)
         params.update(extra)
         return self.checked_sampling(params, extra_names=set(extra))
@@ -217,17 +226,7 @@ def create_app(state: ServerState) -> FastAPI:
         app.add_api_route(path + "/", endpoint, methods=[method], dependencies=guarded,
                           include_in_schema=False, **kwargs)
 
-    body_limit = int(state.options.max_request_mb * 2**20)
-
-    @app.middleware("http")
-    async def _limit_body_size(request: Request, call_next: Callable) -> Response:
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit():
-            return JSONResponse(status_code=400, content={"detail": f"content-length: not a number ({length!r})"})
-        if int(length) > body_limit:
-            return JSONResponse(status_code=413, content={
-                "detail": f"body: {int(length)} bytes is over this server's limit of {body_limit} (--max_request_mb)"})
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=int(state.options.max_request_mb * 2**20))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

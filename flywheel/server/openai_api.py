@@ -67,11 +67,11 @@ class ChatCompletionRequest(_OpenAIFields):
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-def _sampling(body: _OpenAIFields, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
+def _sampling(body: _OpenAIFields, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return dict(n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                 repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty, max_tokens=max_tokens or 16, seed=body.seed,
+                frequency_penalty=body.frequency_penalty, max_tokens=max_tokens, seed=body.seed,
                 stop=stop, logprobs=logprobs, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
                 stop_token_ids=body.stop_token_ids)
 
@@ -92,7 +92,7 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
 
     async def completions(body: CompletionRequest, request: Request):
         model = check_model(body.model)
-        params = state.checked_sampling(_sampling(body, body.max_tokens, body.logprobs))
+        params = state.checked_sampling(_sampling(body, body.max_tokens or state.default_max_tokens, body.logprobs))
         prompts = body.prompt
         if isinstance(prompts, str):
             prompt_ids = [encode_text(state.tokenizer, prompts)]
@@ -121,7 +121,8 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         model = check_model(body.model)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = state.checked_sampling(_sampling(body, body.max_completion_tokens or body.max_tokens, top))
+        params = state.checked_sampling(
+            _sampling(body, body.max_completion_tokens or body.max_tokens or state.default_max_tokens, top))
         conversation = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
             prompt_ids = [encode_conversation(state.tokenizer, conversation, body.chat_template_kwargs)]
