@@ -221,6 +221,7 @@ def test_sync_ref_model_mixes_the_policy_into_the_reference(tiny_checkpoints, tm
         (dict(sync_ref_model=True), "set beta > 0"),
         (dict(beta=0.1, ref_model_mixup_alpha=0.0), "ref_model_mixup_alpha"),
         (dict(generation_kwargs={"n": 2}), "generation_kwargs cannot set n"),
+        (dict(repetition_penalty=1e-9), "repetition_penalty must be in"),
     ],
 )
 def test_invalid_configs_fail_at_construction(tmp_path, overrides, message):
