@@ -84,3 +84,17 @@ def test_exactly_one_ranker_is_required(tiny_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         OnlineDPOTrainer(model=tiny_checkpoints["qwen2"], judge=FirstIsBetter(), reward_funcs=lowercase_fraction,
                          args=dpo_args(tmp_path))
+
+
+def test_an_undecided_judge_chooses_the_second_completion_as_trl(tiny_checkpoints, tmp_path):
+    class Verdicts(PairwiseJudge):
+        def judge(self, prompts, completions, shuffle_order=True):
+            return [0, 1, -1][: len(prompts)]
+
+    args = dpo_args(tmp_path, per_device_train_batch_size=3, max_steps=1)
+    trainer = OnlineDPOTrainer(model=tiny_checkpoints["qwen2"], judge=Verdicts(), args=args,
+                               train_dataset=Dataset.from_dict({"prompt": ["a", "b", "c"]}))
+    rows = [{"prompt": prompt} for prompt in ("a", "a", "b", "b", "c", "c")]
+    first_wins, _ = trainer._rank(rows, trainer.generate([row["prompt"] for row in rows], "train"), "train")
+    assert first_wins.tolist() == [True, False, False]
+    trainer.rollout.close()

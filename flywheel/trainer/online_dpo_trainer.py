@@ -108,7 +108,8 @@ class OnlineDPOTrainer(OnlineTrainer):
             return pairs[:, 0] >= pairs[:, 1], scores
         pairs = [generated.completions[i : i + 2] for i in range(0, len(generated.completions), 2)]
         verdicts = self.judge.judge(generated.prompts[::2], pairs)
-        return torch.tensor([verdict != 1 for verdict in verdicts], device=device), None
+        # The first completion is chosen only when the judge prefers it (an undecided -1 chooses the second, as TRL)
+        return torch.tensor([verdict == 0 for verdict in verdicts], device=device), None
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor:
