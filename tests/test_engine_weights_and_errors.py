@@ -127,6 +127,28 @@ def test_unknown_architecture_raises(tiny_checkpoints, tmp_path):
         LLM(str(folder))
 
 
+def test_a_checkpoint_that_lacks_a_weight_or_a_file_of_its_index_raises(tiny_checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "without_a_weight"
+    shutil.copytree(tiny_checkpoints["llama"], folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks 1 weights the model needs, e.g. model.layers.1.mlp.down_proj.weight"):
+        LLM(str(folder))
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).save_pretrained(sharded, max_shard_size="200KB")
+    shutil.copy(f"{tiny_checkpoints['llama']}/tokenizer.json", sharded)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
+    with pytest.raises(FileNotFoundError, match=f"lacks 1 of the {len(shards)} files its index names: {shards[1].name}"):
+        LLM(str(sharded))
+
+
 def test_bad_engine_options_raise(tiny_checkpoints):
     with pytest.raises(ValueError, match="dtype must be one of"):
         LLM(tiny_checkpoints["qwen2"], dtype="float8")

@@ -22,7 +22,7 @@ from flywheel.engine.host_to_device import to_device
 from flywheel.engine.models.registry import model_class
 from flywheel.engine.scheduler import ScheduledBatch
 from flywheel.engine.shared_prefix import SharedPrefixLayout
-from flywheel.engine.weights import checkpoint_weights
+from flywheel.engine.weights import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class ModelRunner:
         if config.load_format == "dummy":
             self._randomize_weights()
         else:
-            self.model.load_weights(checkpoint_weights(config.model))
+            load_checkpoint(self.model, config.model)
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -7,6 +7,7 @@ first push and kept on the model, so a live update pays only for its checks and 
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,13 +22,44 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def checkpoint_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    files = sorted(Path(path).glob("*.safetensors"))
+    """The (name, tensor) pairs of a checkpoint folder's safetensors files: those its index names, when it has one."""
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        absent = [name for name in names if not (folder / name).exists()]
+        if absent:
+            raise FileNotFoundError(f"{path} lacks {len(absent)} of the {len(names)} files its index names: "
+                                    f"{', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}")
+        files = [folder / name for name in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for name in handle.keys():
                 yield name, handle.get_tensor(name)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a whole checkpoint into ``model``; raises when it lacks a weight the model needs (rather than
+    leave that parameter's memory uninitialized)."""
+    loaded = set()
+
+    def recorded() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in checkpoint_weights(path):
+            loaded.add(name)
+            yield name, tensor
+
+    model.load_weights(recorded())
+    needed = set(model._weight_targets.hf_shapes)
+    if getattr(model.config, "tie_word_embeddings", False):
+        needed.discard("lm_head.weight")
+    missing = sorted(name for name in needed - loaded if not name.endswith(IGNORED_SUFFIXES))
+    if missing:
+        raise ValueError(f"the checkpoint in {path} lacks {len(missing)} weights the model needs, e.g. "
+                         f"{', '.join(missing[:3])}")
 
 
 def hf_parameter_shapes(config) -> dict[str, tuple[int, ...]]:
