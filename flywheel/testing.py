@@ -68,8 +68,10 @@ def tiny_config(
     tie_word_embeddings: bool = True,
     max_position_embeddings: int = 1024,
     head_dim: int | None = None,
+    **fields,
 ):
-    """A transformers config for a tiny model of the given architecture (qwen2, qwen3 or llama)."""
+    """A transformers config for a tiny model of the given architecture (qwen2, qwen3 or llama); `fields` are
+    further config fields (attention_bias, use_sliding_window, ...)."""
     tokenizer_ids = {"bos_token_id": 256, "eos_token_id": 258, "pad_token_id": 256}
     common = dict(
         hidden_size=hidden_size,
@@ -84,12 +86,13 @@ def tiny_config(
         rope_theta=10000.0,
         **tokenizer_ids,
     )
+    common.update(fields)
     if architecture == "qwen2":
         return Qwen2Config(**common)
     if architecture == "qwen3":
         return Qwen3Config(head_dim=head_dim or 2 * hidden_size // num_attention_heads, **common)
     if architecture == "llama":
-        return LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+        return LlamaConfig(**{"attention_bias": False, "mlp_bias": False, **common})
     raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
 
 

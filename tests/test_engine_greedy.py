@@ -31,6 +31,25 @@ def test_greedy_matches_transformers_under_preemption(tiny_checkpoints, hf_model
         assert output.outputs[0].token_ids == hf_greedy(hf_models["qwen2"], prompt, 24)
 
 
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+def test_attention_biases_of_llama_and_qwen3_match_transformers(architecture, tmp_path):
+    """With attention_bias, transformers gives o_proj a bias as well as q, k and v."""
+    from transformers import AutoModelForCausalLM
+
+    path = write_tiny_checkpoint(tmp_path / architecture, architecture, seed=4, attention_bias=True)
+    llm = LLM(str(path), dtype="float32")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for prompt, output in zip(MIXED_PROMPTS, llm.generate(MIXED_PROMPTS, GREEDY)):
+        assert output.outputs[0].token_ids == hf_greedy(reference, prompt, 24)
+
+
+def test_sliding_window_attention_is_refused(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "windowed", "qwen2", use_sliding_window=True, sliding_window=8,
+                                 max_window_layers=0)
+    with pytest.raises(ValueError, match="sliding_attention.* is not supported"):
+        LLM(str(path), dtype="float32")
+
+
 def test_text_prompts_and_chat(tiny_checkpoints):
     llm = LLM(tiny_checkpoints["qwen2"], dtype="float32")
     [by_text] = llm.generate("hello", GREEDY)

@@ -30,8 +30,18 @@ def rope_theta(config) -> float:
     return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
+def check_full_attention(config) -> None:
+    """Refuse a config with sliding-window layers: every layer here attends to the whole sequence."""
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed = sorted({kind for kind in layer_types if kind != "full_attention"})
+    if windowed or (not layer_types and getattr(config, "use_sliding_window", False)):
+        raise ValueError(f"attention of type {windowed or ['sliding_attention']} is not supported yet; every layer "
+                         "must be full attention (use_sliding_window=false)")
+
+
 class Attention(nn.Module):
-    def __init__(self, config, tp: TensorParallelGroup, rotary: RotaryEmbedding, bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, tp: TensorParallelGroup, rotary: RotaryEmbedding, bias: bool, output_bias: bool,
+                 qk_norm: bool) -> None:
         super().__init__()
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.qkv_proj = QKVParallelLinear(
@@ -39,7 +49,7 @@ class Attention(nn.Module):
         )
         self.num_heads = self.qkv_proj.num_local_heads
         self.num_kv_heads = self.qkv_proj.num_local_kv_heads
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, False, tp)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, output_bias, tp)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
@@ -73,9 +83,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, tp, rotary, bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, tp, rotary, bias: bool, output_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.self_attn = Attention(config, tp, rotary, bias, qk_norm)
+        self.self_attn = Attention(config, tp, rotary, bias, output_bias, qk_norm)
         self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -108,12 +118,14 @@ class Qwen2ForCausalLM(nn.Module):
     def __init__(self, config, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.config = config
+        check_full_attention(config)
         bias = self._attention_bias(config)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_theta(config))
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, tp, rotary, bias, self.qk_norm) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, tp, rotary, bias, self._output_bias(config), self.qk_norm)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
@@ -121,7 +133,12 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def _attention_bias(self, config) -> bool:
+        """Whether the q, k and v projections have biases."""
         return self.attention_bias
+
+    def _output_bias(self, config) -> bool:
+        """Whether the attention's output projection has a bias."""
+        return False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
@@ -152,6 +169,9 @@ class LlamaForCausalLM(Qwen2ForCausalLM):
 
     def _attention_bias(self, config) -> bool:
         return bool(getattr(config, "attention_bias", False))
+
+    def _output_bias(self, config) -> bool:
+        return self._attention_bias(config)  # transformers gives o_proj the bias too
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
