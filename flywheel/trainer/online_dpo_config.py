@@ -18,10 +18,6 @@ class OnlineDPOConfig(RolloutTrainingArguments):
 
     learning_rate: float = field(default=5e-7, metadata={"help": "Initial learning rate of AdamW."})
     max_completion_length: int = field(default=64, metadata={"help": "Most tokens generated per completion."})
-    temperature: float = field(
-        default=0.9,
-        metadata={"help": "Sampling temperature (> 0); the trainer's logprobs use the same temperature."},
-    )
     disable_dropout: bool = field(
         default=True,
         metadata={
