@@ -9,6 +9,15 @@ from typing import Literal
 MIN_REPETITION_PENALTY = 1e-4
 
 
+def repetition_penalty_problem(value: float) -> str | None:
+    """Why `value` cannot be a repetition penalty, or None. Logits are divided or multiplied by it in
+    float32: beyond this range they overflow or vanish."""
+    if MIN_REPETITION_PENALTY <= value <= 1 / MIN_REPETITION_PENALTY:
+        return None
+    return (f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {1 / MIN_REPETITION_PENALTY:g}] "
+            f"(1 is off), got {value}")
+
+
 @dataclass
 class SamplingParams:
     """The sampling controls vLLM users know. ``temperature=0`` is greedy."""
@@ -63,10 +72,8 @@ class SamplingParams:
         require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         require(self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 (off) or >= 1, got {self.top_k}")
         require(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
-        # Logits are divided or multiplied by it in float32: beyond this range they overflow or vanish.
-        require(MIN_REPETITION_PENALTY <= self.repetition_penalty <= 1 / MIN_REPETITION_PENALTY,
-                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {1 / MIN_REPETITION_PENALTY:g}] "
-                f"(1 is off), got {self.repetition_penalty}")
+        problem = repetition_penalty_problem(self.repetition_penalty)
+        require(problem is None, problem)
         require(-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         require(
             -2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from flywheel.engine.sampling import MIN_REPETITION_PENALTY
+from flywheel.engine.sampling import repetition_penalty_problem
 
 VLLM_MODES = ("server", "colocate")
 
@@ -185,9 +185,9 @@ class RolloutTrainingArguments(TrainingArguments):
             raise ValueError(f"top_k must be >= -1 (0 or -1 disables), got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 1 / MIN_REPETITION_PENALTY:
-            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {1 / MIN_REPETITION_PENALTY:g}] "
-                             f"(1 is off), got {self.repetition_penalty}")
+        problem = repetition_penalty_problem(self.repetition_penalty)
+        if problem is not None:
+            raise ValueError(problem)
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.vllm_tensor_parallel_size < 1:
