@@ -30,15 +30,24 @@ TRAIN_SCRIPT = textwrap.dedent(
                          vllm_group_port=group_port)
     else:
         placement = dict(vllm_mode="colocate", vllm_kv_cache_memory_gb=0.05)
-    args = GRPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=8, num_generations=8, max_completion_length=10,
-        learning_rate=1e-2, max_steps=12, logging_steps=1, report_to="none", save_strategy="no",
-        disable_tqdm=True, seed=0, use_vllm=True, **placement, **overrides,
-    )
+    args = GRPOConfig(**{
+        **dict(output_dir=out_dir, per_device_train_batch_size=8, num_generations=8, max_completion_length=10,
+               learning_rate=1e-2, max_steps=12, logging_steps=1, report_to="none", save_strategy="no",
+               disable_tqdm=True, seed=0, use_vllm=True, **placement),
+        **overrides,
+    })
     dataset = Dataset.from_dict({"prompt": [f"Say {i}:" for i in range(256)]})
-    trainer = GRPOTrainer(model=model_path, reward_funcs=char_fraction_reward("abcdefghijklmnopqrstuvwxyz"),
-                          args=args, train_dataset=dataset)
+    letters = char_fraction_reward("abcdefghijklmnopqrstuvwxyz")
+    completions_seen = []
+
+    def letters_recorded(prompts, completions, **kwargs):
+        completions_seen.append(list(zip(prompts, completions)))
+        return letters(prompts=prompts, completions=completions, **kwargs)
+
+    trainer = GRPOTrainer(model=model_path, reward_funcs=letters_recorded, args=args, train_dataset=dataset)
     trainer.train()
+    with open(f"{out_dir}/completions-{os.environ['RANK']}.json", "w") as f:
+        json.dump(completions_seen, f)
     # Both replicas must hold the same weights after training (DDP averaged the gradients), and the same
     # reference model when there is one.
     models = [trainer.model] + ([trainer.ref_model] if trainer.ref_model is not None else [])
@@ -94,3 +103,13 @@ def test_two_processes_learn_with_gspo_an_entropy_mask_and_a_synced_reference(ti
                                   importance_sampling_level="sequence")
     check_learned_with_identical_replicas(result)
     assert len(result["checksums"][0]) == 2  # the policy and the reference
+
+
+def test_two_processes_sample_different_completions_of_a_shared_prompt_with_transformers(tiny_checkpoints, tmp_path):
+    # A group of 8 is split 4 + 4 over the processes: each half comes from its own process's generator.
+    launch_two_processes(tiny_checkpoints["qwen2"], tmp_path, use_vllm=False, per_device_train_batch_size=4,
+                         max_steps=2)
+    first, second = (json.loads((tmp_path / f"completions-{rank}.json").read_text()) for rank in range(2))
+    for step_first, step_second in zip(first, second, strict=True):
+        assert {prompt for prompt, _ in step_first} == {prompt for prompt, _ in step_second}
+        assert not {completion for _, completion in step_first} & {completion for _, completion in step_second}

@@ -14,6 +14,7 @@ from types import MethodType
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 from accelerate.utils.operations import ConvertOutputsToFp32
 from torch import nn
 from transformers import (
@@ -132,6 +133,9 @@ class OnlineTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=identity_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
+        # The Trainer seeds every process alike; a group split over processes would then be sampled
+        # alike by each (transformers' generate draws from the global generator).
+        set_seed(args.seed, device_specific=True)
         # The losses are per-micro-batch means: the Trainer divides them by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.prepare_forward(self.model)
