@@ -117,6 +117,25 @@ def test_model_object_and_its_tokenizer_are_accepted(tiny_checkpoints, tmp_path)
     assert {"eval_reward", "eval_completions/mean_length", "eval_time/generation"} <= set(trainer.state.log_history[-1])
 
 
+def test_each_evaluation_logs_its_own_generations_under_its_prefix(tiny_checkpoints, tmp_path):
+    def reward_by_prompt(prompts, **kwargs):
+        return [100.0 if prompt.startswith("T") else 0.0 for prompt in prompts]
+
+    args = learning_args(tmp_path, per_device_train_batch_size=4, num_generations=4, max_steps=1,
+                         per_device_eval_batch_size=4)
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=reward_by_prompt, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["a", "b", "c", "d"]}),
+                          eval_dataset=Dataset.from_dict({"prompt": ["E"]}))
+    trainer.train()
+    trainer.evaluate(eval_dataset=Dataset.from_dict({"prompt": ["T"]}), metric_key_prefix="test")
+    assert trainer.state.log_history[-1]["test_reward"] == 100.0
+    trainer.evaluate()
+    assert trainer.state.log_history[-1]["eval_reward"] == 0.0
+    assert trainer.predict(Dataset.from_dict({"prompt": ["T"]})).metrics["test_reward"] == 100.0
+    trainer.evaluate()
+    assert trainer.state.log_history[-1]["eval_reward"] == 0.0
+
+
 def test_rewards_are_computed_after_the_first_training_forward_is_launched(tiny_checkpoints, tmp_path,
                                                                           monkeypatch):
     events, decoding_threads = [], []

@@ -245,9 +245,17 @@ class OnlineTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def predict(self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"):
+        """As `Trainer.predict`, with the generation metrics of the pass in `metrics` (predict logs nothing)."""
+        output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.metrics.summary("eval", 1).items()})
+        return output
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if any(key.startswith("eval_") for key in logs):
-            logs = {**logs, **{f"eval_{k}": v for k, v in self.metrics.summary("eval", 1).items()}}
+        if not self.model.training:
+            # An evaluation's logs carry its prefix ("eval" unless `metric_key_prefix` says otherwise).
+            prefix = next((key.removesuffix("_runtime") for key in logs if key.endswith("_runtime")), "eval")
+            logs = {**logs, **{f"{prefix}_{k}": v for k, v in self.metrics.summary("eval", 1).items()}}
         else:
             steps = self.state.global_step - self._metrics_logged_step
             self._metrics_logged_step = self.state.global_step
