@@ -255,6 +255,9 @@ def test_config_resolves_generation_batch_and_keeps_trl_names(tmp_path):
                       num_generations=8, scale_rewards=False, report_to="none")
     assert (args.steps_per_generation, args.generation_batch_size) == (4, 16)
     assert args.scale_rewards == "none" and args.epsilon_high == args.epsilon
+    disabled = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, top_k=None, min_p=None,
+                          report_to="none")
+    assert (disabled.top_k, disabled.min_p) == (0, 0.0)
     assert args.remove_unused_columns is False
     from dataclasses import fields
 

@@ -77,10 +77,12 @@ class RolloutTrainingArguments(TrainingArguments):
     top_p: float = field(
         default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens of mass top_p."}
     )
-    top_k: int = field(default=0, metadata={"help": "Keep only the k most likely tokens; 0 or -1 disables."})
-    min_p: float = field(
+    top_k: int | None = field(
+        default=0, metadata={"help": "Keep only the k most likely tokens; 0, -1 or None disables."}
+    )
+    min_p: float | None = field(
         default=0.0,
-        metadata={"help": "Drop tokens whose probability is below min_p times the top token's; 0 disables."},
+        metadata={"help": "Drop tokens whose probability is below min_p times the top token's; 0 or None disables."},
     )
     repetition_penalty: float = field(
         default=1.0,
@@ -167,6 +169,9 @@ class RolloutTrainingArguments(TrainingArguments):
         for name in ("model_init_kwargs", "generation_kwargs"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, json.loads(getattr(self, name)))
+        # TRL's configs write "disabled" as None for these two.
+        self.top_k = 0 if self.top_k is None else self.top_k
+        self.min_p = 0.0 if self.min_p is None else self.min_p
         reserved = sorted({"n", "logprobs"} & set(self.generation_kwargs or {}))
         if reserved:
             raise ValueError(f"generation_kwargs cannot set {', '.join(reserved)}: the rollout samples num_generations "
