@@ -245,6 +245,18 @@ def test_rewards_receive_columns_and_none_is_skipped_in_the_weighted_sum():
     assert total.tolist() == [2.0 * 1 + 0.5 * 1, 2.0 * 2]
 
 
+def test_columns_named_like_reward_arguments_are_shadowed_by_the_trainers_values():
+    seen = {}
+
+    def reward(prompts, completions, completion_ids, trainer_state, **kwargs):
+        seen.update(prompts=prompts, completions=completions, ids=completion_ids, state=trainer_state)
+        return [0.0]
+
+    columns = {"prompts": ["column"], "completions": ["column"], "completion_ids": [[0]], "trainer_state": ["column"]}
+    compute_rewards([reward], ["p"], ["a"], [[97]], columns, trainer_state="state")
+    assert seen == {"prompts": ["p"], "completions": ["a"], "ids": [[97]], "state": "state"}
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_loss_from_rewards_matches_hand_computation(loss_type):
     # Two groups of two completions: rewards -> group-normalised advantages -> clipped, KL-penalised loss.

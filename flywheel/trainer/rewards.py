@@ -120,12 +120,13 @@ def compute_rewards(
     """Rewards [N, num_funcs] of N completions; `None` from a function becomes NaN (skipped when combined).
 
     Each function gets prompts, completions, completion_ids and every other dataset column as
-    keyword arguments (one value per completion), plus `extra` (e.g. trainer_state).
+    keyword arguments (one value per completion), plus `extra` (e.g. trainer_state). A column of one of
+    those names is shadowed by the trainer's value.
     """
     rewards = torch.full((len(completions), len(reward_funcs)), float("nan"))
     for column, func in enumerate(reward_funcs):
-        values = func(prompts=list(prompts), completions=list(completions),
-                      completion_ids=[list(ids) for ids in completion_ids], **columns, **extra)
+        values = func(**{**columns, **extra, "prompts": list(prompts), "completions": list(completions),
+                         "completion_ids": [list(ids) for ids in completion_ids]})
         values = list(values)
         if len(values) != len(completions):
             raise ValueError(
