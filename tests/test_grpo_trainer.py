@@ -53,6 +53,13 @@ def test_reward_rises_with_transformers_generate(tiny_checkpoints, tmp_path):
         assert key in last, key
     lengths = [last["completions/min_length"], last["completions/mean_length"], last["completions/max_length"]]
     assert 1 <= lengths[0] <= lengths[1] <= lengths[2] <= 10
+    # num_tokens is the running total of prompt and completion tokens, 16 rows of one prompt a step.
+    logs = [entry for entry in trainer.state.log_history if "num_tokens" in entry]
+    totals = [0] + [entry["num_tokens"] for entry in logs]
+    prompt_tokens = {round(totals[i + 1] - totals[i] - 16 * entry["completions/mean_length"], 6)
+                     for i, entry in enumerate(logs)}
+    assert len(prompt_tokens) == 1 and prompt_tokens.pop() % 16 == 0
+    assert totals[-1] == trainer.state.num_input_tokens_seen
 
 
 def test_conversational_prompts_columns_none_rewards_and_a_reward_model(tiny_checkpoints, tmp_path):

@@ -31,6 +31,10 @@ class MetricsLog:
         recording never waits for the GPU."""
         self._values[mode][name].append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
+    def set(self, mode: str, name: str, value: float) -> None:
+        """Record a value that replaces the window's others (a running total)."""
+        self._values[mode][name] = [float(value)]
+
     def add_time(self, mode: str, phase: str, seconds: float) -> None:
         self._seconds[mode][phase] += seconds
 

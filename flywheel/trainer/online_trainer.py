@@ -220,7 +220,10 @@ class OnlineTrainer(Trainer):
         self.metrics.add(mode, "completions/mean_terminated_length",
                          terminated.float().mean().item() if terminated.numel() else float("nan"))
         prompt_tokens = self.accelerator.gather(generated.prompt_mask.sum()).sum()
-        self.metrics.add(mode, "num_tokens", (lengths.sum() + prompt_tokens).item())
+        if mode == "train":
+            self.state.num_input_tokens_seen += (lengths.sum() + prompt_tokens).item()
+        # As in TRL: the tokens (prompts and completions) trained on so far, over all processes.
+        self.metrics.set(mode, "num_tokens", self.state.num_input_tokens_seen)
 
     def log_mean(self, mode: str, name: str, value: torch.Tensor) -> None:
         """Log the mean over processes of a per-process scalar (NaN where a process had none)."""
