@@ -124,6 +124,19 @@ def test_model_object_and_its_tokenizer_are_accepted(tiny_checkpoints, tmp_path)
     assert {"eval_reward", "eval_completions/mean_length", "eval_time/generation"} <= set(trainer.state.log_history[-1])
 
 
+def test_log_completions_prints_the_last_generation_at_each_log(tiny_checkpoints, tmp_path, capsys):
+    args = learning_args(tmp_path, per_device_train_batch_size=4, num_generations=4, max_steps=2,
+                         log_completions=True, num_completions_to_print=3)
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["Say:"] * 8}))
+    trainer.train()
+    printed = capsys.readouterr().out
+    for step in (0, 1):
+        assert f"completions at step {step} (3 of 4):" in printed
+    assert printed.count("    prompt: 'Say:'") == 6
+    assert printed.count("| lowercase_fraction ") == 6
+
+
 def test_each_evaluation_logs_its_own_generations_under_its_prefix(tiny_checkpoints, tmp_path):
     def reward_by_prompt(prompts, **kwargs):
         return [100.0 if prompt.startswith("T") else 0.0 for prompt in prompts]

@@ -135,6 +135,15 @@ class GRPOConfig(RolloutTrainingArguments):
         metadata={"help": "The importance-sampling ratio's cap C (see vllm_importance_sampling_mode)."},
     )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the training prompts."})
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "Print the last generation's prompts, completions, rewards and advantages at every "
+                          "logging step."},
+    )
+    num_completions_to_print: int | None = field(
+        default=None,
+        metadata={"help": "How many completions log_completions shows; None: all of the last generation."},
+    )
 
     @property
     def completions_per_rollout(self) -> int:

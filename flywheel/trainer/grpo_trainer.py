@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from flywheel.trainer.batching import split_batch
+from flywheel.trainer.completion_sample import CompletionSample
 from flywheel.trainer.grpo_config import GRPOConfig
 from flywheel.trainer.logprobs import completion_logps
 from flywheel.trainer.losses import grpo_loss, importance_sampling_weights, masked_extremes, masked_mean
@@ -27,8 +27,6 @@ from flywheel.trainer.rewards import (
     reward_func_name,
 )
 from flywheel.trainer.sampler import RepeatSampler
-
-logger = logging.getLogger(__name__)
 
 
 class GRPOTrainer(OnlineTrainer):
@@ -62,6 +60,7 @@ class GRPOTrainer(OnlineTrainer):
             args = GRPOConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-GRPO")
         if not isinstance(args, GRPOConfig):
             raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
+        self._completion_sample: CompletionSample | None = None  # the next log prints it (log_completions)
         super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers)
         self.reward_funcs = load_reward_funcs(reward_funcs, reward_processing_classes)
         for func in self.reward_funcs:
@@ -191,7 +190,7 @@ class GRPOTrainer(OnlineTrainer):
             self.metrics.add(mode, f"rewards/{name}/mean", values.nanmean())
             self.metrics.add(mode, f"rewards/{name}/std", _nan_std(values))
         if self.args.log_completions:
-            self._remember_completions(generated, rewards)
+            self._remember_completions(generated, rewards_per_func, advantages)
 
         start = self.accelerator.process_index * len(rows)
         return advantages[start : start + len(rows)]
@@ -226,16 +225,25 @@ class GRPOTrainer(OnlineTrainer):
         threshold = torch.nanquantile(values, 1.0 - self.args.top_entropy_quantile)
         return real & (entropy >= threshold)
 
-    def _remember_completions(self, generated: Generated, rewards: torch.Tensor) -> None:
+    def _remember_completions(self, generated: Generated, rewards_per_func: torch.Tensor,
+                              advantages: torch.Tensor) -> None:
+        """Keep the generation's sample (all processes' rows) for the next log."""
         from accelerate.utils import gather_object
 
         prompts = gather_object(generated.prompts)
         completions = gather_object(generated.completions)
-        limit = self.args.num_completions_to_print or len(completions)
         if self.accelerator.is_main_process:
-            for prompt, completion, reward in list(zip(prompts, completions, rewards.tolist()))[:limit]:
-                logger.info("step %d | reward %.4f | prompt %r | completion %r", self.state.global_step, reward,
-                            prompt, completion)
+            per_func = rewards_per_func.t().tolist()
+            self._completion_sample = CompletionSample(
+                self.state.global_step, prompts, completions,
+                {reward_func_name(func): per_func[column] for column, func in enumerate(self.reward_funcs)},
+                advantages.tolist())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if self._completion_sample is not None and self.model.training:
+            print(self._completion_sample.render(self.args.num_completions_to_print), flush=True)
+            self._completion_sample = None
 
     # ---- loss ----
 

@@ -142,16 +142,6 @@ class RolloutTrainingArguments(TrainingArguments):
         metadata={"help": "Colocate: free the engine's KV cache while training and re-allocate it before generating."},
     )
 
-    # Logging.
-    log_completions: bool = field(
-        default=False,
-        metadata={"help": "Log a sample of prompts, completions and rewards at every logging step."},
-    )
-    num_completions_to_print: int | None = field(
-        default=None,
-        metadata={"help": "How many completions log_completions shows; None: all of the last generation."},
-    )
-
     @property
     def completions_per_rollout(self) -> int:
         """Completions one process asks for in one generation (a colocated engine runs them in one batch)."""
