@@ -54,6 +54,11 @@ def test_greedy_generate_matches_offline_llm_in_order(client, references):
     assert all(engine["generated_tokens"] > 0 for engine in engines)  # with dp=2, both engines took prompts
 
 
+def test_a_prompt_sampled_on_every_engine_gets_different_completions(client):
+    out = client.generate(["hello there"] * 4, temperature=1.0, max_tokens=10)
+    assert len({tuple(ids) for ids in out["completion_ids"]}) == 4
+
+
 def test_pushed_weights_reach_every_rank(client, references, tiny_checkpoints):
     model_b = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2_b"], dtype=torch.float32)
     client.init_communicator(device="cpu")

@@ -37,7 +37,7 @@ def worker_main(dp_rank: int, options: ServerOptions, cuda_devices: str | None, 
     logging.basicConfig(level=_logging_level(options.log_level),
                         format=f"%(asctime)s %(levelname)s dp{dp_rank} %(name)s: %(message)s")
     try:
-        llm = _load_engine(options)
+        llm = _load_engine(options, dp_rank)
         ready = {"max_model_len": llm.engine.max_model_len}
         if dp_rank == 0:
             ready["param_shapes"] = _param_shapes(llm)
@@ -65,14 +65,17 @@ def _logging_level(name: str) -> int:
     return logging.DEBUG if name == "trace" else getattr(logging, name.upper())
 
 
-def _load_engine(options: ServerOptions):
+def _load_engine(options: ServerOptions, dp_rank: int):
     from flywheel.engine.llm import LLM
 
+    # Each data-parallel engine draws its own random numbers: with one seed, a prompt sent to two
+    # engines would get the same completion from both.
     return LLM(
         options.model, revision=options.revision, dtype=options.dtype, max_model_len=options.max_model_len,
         enable_prefix_caching=options.enable_prefix_caching, enforce_eager=options.enforce_eager,
         gpu_memory_utilization=options.gpu_memory_utilization, kv_cache_memory_gb=options.kv_cache_memory_gb,
-        max_num_seqs=options.max_num_seqs, tensor_parallel_size=options.tensor_parallel_size, seed=options.seed,
+        max_num_seqs=options.max_num_seqs, tensor_parallel_size=options.tensor_parallel_size,
+        seed=options.seed + dp_rank,
     )
 
 

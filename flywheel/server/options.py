@@ -40,7 +40,9 @@ class ServerOptions:
         default=None, metadata={"help": "KV-cache size in GiB per engine on the CPU (default: the engine's)."}
     )
     max_num_seqs: int = field(default=256, metadata={"help": "Most sequences one engine runs at once."})
-    seed: int = field(default=0, metadata={"help": "Engine seed (requests may carry their own)."})
+    seed: int = field(
+        default=0, metadata={"help": "Engine seed; data-parallel engine i uses seed + i (requests may carry their own)."}
+    )
     log_level: str = field(default="info", metadata={"help": f"Logging level: {', '.join(LOG_LEVELS)}."})
     api_key: str | None = field(
         default=None,
