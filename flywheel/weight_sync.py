@@ -129,20 +129,27 @@ class WeightSyncGroup:
                 f"weight sync: rank {rank} could not {role} {where} within {timeout_s:.0f}s ({error}); "
                 "check that the port is free on the server and reachable from the client"
             ) from error
+        self.group = None
+        failure = None
         try:
             self.group = new_process_group(self.store, rank, world_size, self._wire_device(), timeout_s)
             # A handshake, so that a missing rank shows up here rather than at the first update.
             count = torch.ones(1, device=self._wire_device())
             self.group.allreduce([count]).wait()
+            if int(count.item()) != world_size:
+                failure = f"weight sync: handshake counted {int(count.item())} ranks, expected {world_size}"
         except Exception as error:
-            raise RuntimeError(
+            failure = (
                 f"weight sync: rank {rank} of {world_size} did not meet every rank at {where} within "
                 f"{timeout_s:.0f}s ({error}); world_size must be tensor_parallel_size x "
                 "data_parallel_size + 1 and every rank must use the same backend (NCCL when the client "
                 "is on a GPU, Gloo when it is on the CPU)"
-            ) from error
-        if int(count.item()) != world_size:
-            raise RuntimeError(f"weight sync: handshake counted {int(count.item())} ranks, expected {world_size}")
+            )
+        if failure is not None:
+            # Raised outside the handler, without the original error: its traceback would keep the
+            # half-built group, and so the store listening on the port, alive until a garbage collection.
+            self.close()
+            raise RuntimeError(failure)
 
     def _wire_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")

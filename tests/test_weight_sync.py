@@ -3,6 +3,7 @@ between an engine-side rank (the functions collective_rpc runs) and the client."
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -152,3 +153,24 @@ def test_the_engine_ranks_see_the_client_heartbeat_until_the_client_closes():
 def test_joining_a_rendezvous_nobody_hosts_times_out_with_advice():
     with pytest.raises(RuntimeError, match="reach the rendezvous"):
         WeightSyncGroup("127.0.0.1", free_port(), 1, 2, "gloo", torch.device("cpu"), timeout_s=1.0)
+
+
+def test_a_failed_join_frees_the_rendezvous_port_at_once():
+    # Ranks 0 and 1 meet, the last rank never comes: both fail, and the host's port is free again.
+    port = free_port()
+    failures = []
+
+    def join(rank: int) -> None:
+        try:
+            WeightSyncGroup("127.0.0.1", port, rank, 3, "gloo", torch.device("cpu"), timeout_s=1.0)
+        except RuntimeError as error:
+            failures.append(error)
+
+    joiners = [threading.Thread(target=join, args=(rank,)) for rank in (0, 1)]
+    for joiner in joiners:
+        joiner.start()
+    for joiner in joiners:
+        joiner.join(30)
+    assert len(failures) == 2
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))  # EADDRINUSE while the failed group's store still listens
