@@ -176,9 +176,10 @@ class GenerationClient:
     def update_named_param(self, name: str, tensor: torch.Tensor) -> None:
         """Replace one parameter (full, unsharded, HF name) on every server rank."""
         self._require_group()
+        _check_sendable([(name, tensor)])
         self._request("POST", "/update_named_param",
                       {"name": name, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)})
-        send_buckets(self.group, [(name, tensor)])
+        self._send([(name, tensor)], DEFAULT_BUCKET_BYTES)
 
     def update_model_params(self, model: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         """Push every parameter of `model` in a few flat buckets: one HTTP call, then the broadcasts."""
@@ -189,9 +190,20 @@ class GenerationClient:
                             bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         """Push (name, tensor) pairs in a few flat buckets; the server checks names and shapes first."""
         self._require_group()
+        _check_sendable(named_tensors)
         params = [{"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape)} for name, t in named_tensors]
         self._request("POST", "/batch_update_named_params", {"params": params, "bucket_bytes": bucket_bytes})
-        send_buckets(self.group, named_tensors, bucket_bytes)
+        self._send(named_tensors, bucket_bytes)
+
+    def _send(self, named_tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> None:
+        try:
+            send_buckets(self.group, named_tensors, bucket_bytes)
+        except Exception as error:
+            # The server closes its side of the group after a failed update; so does this side.
+            self.group.close()
+            self.group = None
+            raise RuntimeError(f"{error}. The weight-sync group is closed: call init_communicator() to open a "
+                               "new one before the next update") from error
 
     def close_communicator(self) -> None:
         """Leave the weight-sync group (a no-op when none is open)."""
@@ -222,8 +234,20 @@ class GenerationClient:
         self.close()
 
 
+def _check_sendable(named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Refuse, before the server is told of an update, a tensor that cannot be sent."""
+    for name, tensor in named_tensors:
+        if tensor.is_meta:
+            raise ValueError(f"{name}: the tensor has no data (it is on the meta device, e.g. offloaded); "
+                             "gather the full parameter before pushing it")
+
+
 def _hf_name(name: str) -> str:
-    # Wrappers prefix names (torch.compile, DistributedDataParallel); the server knows the HF names.
-    for prefix in ("_orig_mod.", "module."):
-        name = name.removeprefix(prefix)
+    # Wrappers prefix names (torch.compile, DistributedDataParallel, in either order); the server knows
+    # the HF names.
+    wrapped = None
+    while wrapped != name:
+        wrapped = name
+        for prefix in ("_orig_mod.", "module."):
+            name = name.removeprefix(prefix)
     return name

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from flywheel import GenerationClient
+from flywheel.client import _hf_name
 from flywheel.server.launch import free_port
 
 
@@ -22,3 +23,9 @@ def test_no_server_raises_connection_error_after_the_timeout():
 def test_malformed_base_url_is_refused(base_url):
     with pytest.raises(ValueError, match="base_url"):
         GenerationClient(base_url=base_url, connection_timeout=0.1)
+
+
+@pytest.mark.parametrize("wrapped", ["module._orig_mod.model.norm.weight", "_orig_mod.module.model.norm.weight",
+                                     "module.model.norm.weight", "model.norm.weight"])
+def test_wrapped_parameter_names_are_pushed_under_their_hugging_face_names(wrapped):
+    assert _hf_name(wrapped) == "model.norm.weight"

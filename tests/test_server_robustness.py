@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from flywheel import GenerationClient
 from flywheel.server.launch import ServerProcess, free_port
@@ -89,6 +90,29 @@ def test_init_communicator_times_out_when_the_client_never_joins(server):
     assert httpx.post(f"{server.base_url}/generate", json={"prompts": ["hi"], "max_tokens": 2}).status_code == 200
 
 
+def test_an_update_whose_tensors_never_come_closes_the_group_on_both_ends(server, tiny_checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"])
+    with GenerationClient(base_url=server.base_url, group_port=free_port(), connection_timeout=30) as client:
+        client.init_communicator(device="cpu", timeout=10)
+        with pytest.raises(ValueError, match="meta device"):  # refused before the server hears of it
+            client.update_named_params([("model.norm.weight", torch.empty(64, device="meta"))])
+        client.update_model_params(model)  # the group is still whole
+
+        announce = {"params": [{"name": "model.norm.weight", "dtype": "float32", "shape": [64]}]}
+        assert client.http.post("/batch_update_named_params", json=announce).status_code == 200  # nothing follows
+        deadline = time.monotonic() + 60
+        while client.http.post("/close_communicator?stale_only=true", timeout=30).status_code == 409:
+            assert time.monotonic() < deadline, "the server kept the group of the failed update open"
+        with pytest.raises(ValueError, match="409.*init_communicator"):
+            client.update_model_params(model)
+
+        client.close_communicator()
+        client.init_communicator(device="cpu", timeout=10)
+        client.update_model_params(model)
+
+
 def test_dead_engine_worker_gives_503_with_a_reason(server):
     (worker,) = engine_workers(server.process.pid)
     os.kill(worker, signal.SIGKILL)
@@ -100,4 +124,5 @@ def test_dead_engine_worker_gives_503_with_a_reason(server):
     assert generate.status_code == 503 and "restart" in generate.json()["detail"]
     with pytest.raises(ConnectionError, match="not healthy"):
         GenerationClient(base_url=server.base_url, connection_timeout=1)
+
 

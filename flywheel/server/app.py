@@ -309,7 +309,7 @@ def create_app(state: ServerState) -> FastAPI:
             await asyncio.wait_for(state.pool.call_all("init_communicator", body.host, body.port,
                                                        body.world_size, backend), timeout)
         except (RuntimeError, TimeoutError) as error:
-            await state.pool.call_all("close_communicator")
+            await close_group()
             raise HTTPException(504, f"the weight-sync group did not form within {state.options.communicator_timeout:.0f} s "
                                      f"(did the client join at {body.host}:{body.port}?): {error}") from error
         state.communicator_open = True
@@ -329,8 +329,26 @@ def create_app(state: ServerState) -> FastAPI:
         except ValueError as error:
             raise HTTPException(400, str(error)) from error
         for future in state.pool.start_call_all("update_weights", plan_buckets(specs, bucket_bytes)):
-            future.add_done_callback(_log_update_failure)
+            future.add_done_callback(close_after_a_failed_update)
         return {}
+
+    def close_after_a_failed_update(future: asyncio.Future) -> None:
+        """A failed update may leave the group mid-broadcast: close it, so that the client's next update
+        gets a clear 409 and its init_communicator a fresh group."""
+        if future.cancelled() or future.exception() is None:
+            return
+        logger.error("weight update failed, closing the weight-sync group: %s", future.exception())
+        asyncio.ensure_future(close_open_group())
+
+    async def close_open_group() -> None:
+        async with state.communicator_lock:
+            if state.communicator_open:
+                await close_group()
+
+    async def close_group() -> None:
+        """Every engine rank leaves the group (the caller holds the communicator lock)."""
+        await state.pool.call_all("close_communicator")
+        state.communicator_open = False
 
     async def update_named_param(body: UpdateNamedParamRequest) -> dict:
         """Announce one tensor; it then arrives by broadcast from the client's rank."""
@@ -361,8 +379,7 @@ def create_app(state: ServerState) -> FastAPI:
                                              "from that client first")
                 logger.warning("the weight-sync group's client sent no heartbeat for %.0fs (it died without "
                                "closing the group): closing the group for a new client", CLIENT_SILENCE_S)
-            await state.pool.call_all("close_communicator")
-            state.communicator_open = False
+            await close_group()
         return {}
 
     route("GET", "/get_world_size", get_world_size)
@@ -379,11 +396,6 @@ def create_app(state: ServerState) -> FastAPI:
 
     add_openai_routes(app, state, guarded)
     return app
-
-
-def _log_update_failure(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        logger.error("weight update failed: %s", future.exception())
 
 
 def api_key_guard(api_key: str | None) -> Callable:
