@@ -29,8 +29,10 @@ class GenerationClient:
     """
 
     def __init__(self, base_url: str | None = None, host: str = "127.0.0.1", server_port: int = 8000,
-                 group_port: int = 51216, connection_timeout: float = 240.0, request_timeout: float = 600.0,
+                 group_port: int = 51216, connection_timeout: float = 240.0, request_timeout: float | None = 600.0,
                  api_key: str | None = None) -> None:
+        """`request_timeout`: seconds to wait for an answer; None waits as long as the server takes (its
+        --request_timeout bounds a generation)."""
         if base_url is None:
             base_url = f"http://{host}:{server_port}"
         parsed = urlparse(base_url)
@@ -43,7 +45,7 @@ class GenerationClient:
         api_key = api_key if api_key is not None else os.environ.get("FLYWHEEL_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.base_url, headers=headers,
-                                 timeout=httpx.Timeout(request_timeout, connect=min(10.0, request_timeout)))
+                                 timeout=httpx.Timeout(request_timeout, connect=min(10.0, request_timeout or 10.0)))
         self.group: WeightSyncGroup | None = None
         self.check_server(connection_timeout)
 
@@ -55,7 +57,7 @@ class GenerationClient:
         last = "no answer"
         while True:
             try:
-                response = self.http.get("/health", timeout=min(5.0, self.request_timeout))
+                response = self.http.get("/health", timeout=min(5.0, self.request_timeout or 5.0))
                 if response.status_code == 200:
                     return
                 if response.status_code == 401:
@@ -206,11 +208,14 @@ class GenerationClient:
                                "new one before the next update") from error
 
     def close_communicator(self) -> None:
-        """Leave the weight-sync group (a no-op when none is open)."""
+        """Leave the weight-sync group (a no-op when none is open, and on this side only when the server
+        is gone)."""
         if self.group is None:
             return
         try:
             self._request("POST", "/close_communicator")
+        except ConnectionError:
+            logger.debug("the server is gone; closing this side of the weight-sync group only")
         finally:
             self.group.close()
             self.group = None

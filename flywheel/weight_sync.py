@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable
@@ -179,11 +180,12 @@ class WeightSyncGroup:
         return self._staging
 
     def start_heartbeat(self, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
-        """Count up the store's heartbeat key every `interval_s` from a daemon thread until `close()`."""
-        store, stopped = self.store, threading.Event()
+        """Count up the store's heartbeat key every `interval_s` from a daemon thread until `close()`, or
+        until this object is dropped without it (its owner was dropped: the server may then let another in)."""
+        owner, store, stopped = weakref.ref(self), self.store, threading.Event()
 
         def beat() -> None:
-            while not stopped.wait(interval_s):
+            while not stopped.wait(interval_s) and owner() is not None:
                 try:
                     store.add(_HEARTBEAT_KEY, 1)
                 except Exception:  # the server closed the group or went away: nobody is listening

@@ -1,10 +1,13 @@
 """GRPOTrainer against a real `flywheel serve` subprocess: it learns, and the server gets the trained weights."""
 
 import pytest
+from accelerate import Accelerator
 from datasets import Dataset
 
 from flywheel import GRPOConfig, GRPOTrainer
 from flywheel.server.launch import CPU_ONLY_ENV, free_port, launch_server
+from flywheel.server.options import DEFAULT_MAX_N
+from flywheel.trainer.rollout import SamplingSettings, ServerRollout
 from flywheel.trainer.rewards import char_fraction_reward
 
 lowercase_fraction = char_fraction_reward("abcdefghijklmnopqrstuvwxyz", name="lowercase_fraction")
@@ -30,17 +33,15 @@ def test_reward_rises_and_server_gets_the_trained_weights(tiny_checkpoints, serv
     dataset = Dataset.from_dict({"prompt": ["Say:"] * 256})
     trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction, args=args,
                           train_dataset=dataset)
-    try:
-        trainer.train()
-        rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
-        first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-        assert last > first + 0.25, f"reward did not rise: {[round(r, 3) for r in rewards]}"
-        logged = trainer.state.log_history[-2]
-        assert logged["sampling/sampling_logp_difference/mean"] < 1e-3  # weights reached the server every step
-        assert logged["time/weight_sync"] > 0
-        check_engine_has_trained_weights(trainer, tiny_checkpoints["qwen2"])
-    finally:
-        trainer.rollout.close()
+    trainer.train()
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.25, f"reward did not rise: {[round(r, 3) for r in rewards]}"
+    logged = trainer.state.log_history[-2]
+    assert logged["sampling/sampling_logp_difference/mean"] < 1e-3  # weights reached the server every step
+    assert logged["time/weight_sync"] > 0
+    check_engine_has_trained_weights(trainer, tiny_checkpoints["qwen2"])  # pushes again, after training
+    trainer.rollout.close()
 
 
 def test_the_first_rollout_samples_the_trained_weights(tiny_checkpoints, server, tmp_path):
@@ -51,11 +52,22 @@ def test_the_first_rollout_samples_the_trained_weights(tiny_checkpoints, server,
         use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=server,
         vllm_group_port=free_port(),
     )
+    # The trainer before this one in the process (the test above) left the server free when it finished.
     trainer = GRPOTrainer(model=tiny_checkpoints["qwen2_b"], reward_funcs=lowercase_fraction, args=args,
                           train_dataset=Dataset.from_dict({"prompt": ["Say:"] * 8}))
+    trainer.train()
+    [logged] = [entry for entry in trainer.state.log_history if "sampling/sampling_logp_difference/mean" in entry]
+    assert logged["sampling/sampling_logp_difference/mean"] < 1e-3
+    assert trainer.rollout.client.group is None  # closed when training ended
+
+
+def test_a_prompt_repeated_more_often_than_a_request_may_ask_is_asked_for_in_pieces(server):
+    args = GRPOConfig(output_dir="unused", per_device_train_batch_size=8, max_completion_length=2, report_to="none",
+                      use_cpu=True, use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1",
+                      vllm_server_port=server, vllm_group_port=free_port())
+    rollout = ServerRollout(args, SamplingSettings.from_args(args), Accelerator(cpu=True))
     try:
-        trainer.train()
-        [logged] = [entry for entry in trainer.state.log_history if "sampling/sampling_logp_difference/mean" in entry]
-        assert logged["sampling/sampling_logp_difference/mean"] < 1e-3
+        output = rollout.generate([[104, 105]] * (DEFAULT_MAX_N + 44))
     finally:
-        trainer.rollout.close()
+        rollout.close()
+    assert len(output.completion_ids) == DEFAULT_MAX_N + 44

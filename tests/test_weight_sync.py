@@ -3,6 +3,7 @@ between an engine-side rank (the functions collective_rpc runs) and the client."
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
@@ -148,6 +149,25 @@ def test_the_engine_ranks_see_the_client_heartbeat_until_the_client_closes():
     assert beating > first
     assert later == after_close
     assert weight_sync.rpc_client_heartbeats(runner) is None
+
+
+def test_the_heartbeat_stops_when_the_client_group_is_dropped_without_closing():
+    port = free_port()
+    runner = SimpleNamespace(tp_rank=0, device="cpu", model=RecordingModel())
+    weight_sync.rpc_start_join(runner, "127.0.0.1", port, 2, 0, "gloo", 30.0)
+    client = WeightSyncGroup("127.0.0.1", port, 1, 2, "gloo", torch.device("cpu"), 30.0)
+    weight_sync.rpc_finish_join(runner, 30.0)
+    try:
+        client.start_heartbeat(interval_s=0.02)
+        time.sleep(0.1)
+        del client
+        gc.collect()
+        time.sleep(0.1)
+        after_drop = weight_sync.rpc_client_heartbeats(runner)
+        time.sleep(0.2)
+        assert weight_sync.rpc_client_heartbeats(runner) == after_drop
+    finally:
+        weight_sync.rpc_close(runner)
 
 
 def test_joining_a_rendezvous_nobody_hosts_times_out_with_advice():

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+DEFAULT_MAX_N = 256
 
 
 @dataclass
@@ -57,7 +58,9 @@ class ServerOptions:
     max_tokens_limit: int | None = field(
         default=None, metadata={"help": "Largest max_tokens a request may ask for (default: no extra limit)."}
     )
-    max_n: int = field(default=256, metadata={"help": "Largest n (completions per prompt) a request may ask for."})
+    max_n: int = field(
+        default=DEFAULT_MAX_N, metadata={"help": "Largest n (completions per prompt) a request may ask for."}
+    )
     request_timeout: float = field(
         default=600.0, metadata={"help": "Seconds a generation request may run before it is aborted (504)."}
     )

@@ -22,6 +22,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from flywheel.server.options import DEFAULT_MAX_N
 from flywheel.trainer.batching import left_pad
 from flywheel.trainer.prompts import prompt_runs
 from flywheel.trainer.rollout_config import RolloutTrainingArguments
@@ -83,6 +84,9 @@ class Rollout(ABC):
 
     def wake_up(self) -> None:
         """Re-acquire generation memory before generating."""
+
+    def finish_training(self) -> None:
+        """Training ended: release what only weight pushes need (a later push takes it again)."""
 
     def close(self) -> None:
         """Release connections and processes."""
@@ -203,7 +207,8 @@ class ServerRollout(Rollout):
 
     The main process gathers every process's prompts, asks the server once (n = the repeat count
     when all prompts repeat alike), and scatters the completions back; it alone pushes weights,
-    over the collective group the client opens with the server.
+    over the collective group the client opens with the server. The group is closed when training
+    ends, so that another trainer may use the server, and opened again by the next push.
     """
 
     def __init__(self, args: RolloutTrainingArguments, settings: SamplingSettings, accelerator: Accelerator) -> None:
@@ -214,12 +219,14 @@ class ServerRollout(Rollout):
         if accelerator.is_main_process:
             from flywheel import GenerationClient
 
+            # A rollout takes as long as the server lets it (its --request_timeout).
             self.client = GenerationClient(
                 base_url=args.vllm_server_base_url, host=args.vllm_server_host, server_port=args.vllm_server_port,
-                group_port=args.vllm_group_port, connection_timeout=args.vllm_server_timeout,
+                group_port=args.vllm_group_port, connection_timeout=args.vllm_server_timeout, request_timeout=None,
             )
             device = accelerator.device
-            self.client.init_communicator(device="cpu" if device.type == "cpu" else device.index or 0)
+            self.device = "cpu" if device.type == "cpu" else device.index or 0
+            self.client.init_communicator(device=self.device)
             # A group left open would refuse the next trainer that connects to this server.
             atexit.register(self.client.close_communicator)
 
@@ -236,7 +243,9 @@ class ServerRollout(Rollout):
         return RolloutOutput(completion_ids[rows], logprobs[rows], truncated[rows])
 
     def _generate_all(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]], list[bool]]:
-        runs = prompt_runs(prompt_ids)
+        # A run longer than a request's limit on n goes in pieces.
+        runs = [(ids, min(DEFAULT_MAX_N, count - start))
+                for ids, count in prompt_runs(prompt_ids) for start in range(0, count, DEFAULT_MAX_N)]
         counts = {count for _, count in runs}
         if len(counts) == 1:
             prompts, n = [ids for ids, _ in runs], counts.pop()
@@ -254,8 +263,13 @@ class ServerRollout(Rollout):
 
     def _push_weights(self, model: nn.Module) -> None:
         if self.client is not None:
+            if self.client.group is None:
+                self.client.init_communicator(device=self.device)
             self.client.update_model_params(model)
             self.client.reset_prefix_cache()
+
+    def finish_training(self) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.client is not None:
