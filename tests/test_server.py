@@ -85,6 +85,21 @@ def test_chat_matches_offline_chat(client, offline):
     assert out["completion_ids"] == [r.outputs[0].token_ids for r in reference]
 
 
+def test_the_requests_trls_client_sends_are_served(client, offline):
+    # The payloads of TRL's VLLMClient.generate and .chat, every field as it sends them by default.
+    sampling = dict(n=1, repetition_penalty=1.0, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=12,
+                    truncate_prompt_tokens=None, structured_outputs_regex=None, generation_kwargs={})
+    generated = client.http.post("/generate/", json={"prompts": PROMPTS, "images": None, **sampling})
+    conversation = [{"role": "user", "content": "hi"}]
+    chatted = client.http.post("/chat/", json={"messages": [conversation], "chat_template_kwargs": {}, **sampling})
+    truncated = client.http.post("/generate/", json={"prompts": PROMPTS, **sampling, "truncate_prompt_tokens": -1})
+
+    assert generated.json()["completion_ids"] == completion_ids(offline, PROMPTS, **GREEDY)
+    assert truncated.json()["completion_ids"] == completion_ids(offline, PROMPTS, **GREEDY)
+    assert chatted.json()["completion_ids"] == [offline.chat([conversation], SamplingParams(**GREEDY))[0]
+                                                .outputs[0].token_ids]
+
+
 def test_n_completions_are_grouped_by_prompt_and_seeded(client):
     first = client.generate(PROMPTS[:2], n=3, temperature=1.0, max_tokens=8, seed=7)
     again = client.generate(PROMPTS[:2], n=3, temperature=1.0, max_tokens=8, seed=7)
@@ -139,6 +154,8 @@ BAD_REQUESTS = [
     ("/generate", {"prompts": ["x"], "generation_kwargs": {"bogus": 1}}, 400, "generation_kwargs.bogus"),
     ("/generate", {"prompts": ["x"], "generation_kwargs": {"min_tokens": 50}, "max_tokens": 4}, 400, "min_tokens"),
     ("/generate", {"prompts": ["x"], "guided_decoding_regex": "a+"}, 422, "guided_decoding_regex"),
+    ("/generate", {"prompts": ["x"], "structured_outputs_regex": "a+"}, 422, "structured_outputs_regex"),
+    ("/generate", {"prompts": ["x"], "truncate_prompt_tokens": 0}, 422, "truncate_prompt_tokens"),
     # In float32 the logits would overflow and the engine's step fail for every request in it.
     ("/generate", {"prompts": ["x"], "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
     ("/generate", {"prompts": ["x"], "generation_kwargs": {"repetition_penalty": 1e300}}, 400, "repetition_penalty"),

@@ -156,6 +156,8 @@ class ServerState:
 
     def truncate(self, prompt_ids: list[list[int]], request: SamplingFields) -> list[list[int]]:
         keep = request.truncate_prompt_tokens
+        if keep == -1:
+            keep = self.max_prompt_length
         return [ids[-keep:] for ids in prompt_ids] if keep else prompt_ids
 
     # -- generation with timeout and abort on disconnect

@@ -35,16 +35,26 @@ class SamplingFields(_Strict):
     generation_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Any other SamplingParams field, e.g. min_tokens, ignore_eos."
     )
-    truncate_prompt_tokens: int | None = Field(None, ge=1, description="Keep only the last k prompt tokens.")
-    # Sent by TRL's client; accepted so that it works unchanged, refused when set.
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="Keep only the last k prompt tokens; -1: as many as the model takes."
+    )
+    # Sent by TRL's clients (older and newer names); accepted so that they work unchanged, refused when set.
     guided_decoding_regex: str | None = Field(None, description="Not supported; must be null.")
+    structured_outputs_regex: str | None = Field(None, description="Not supported; must be null.")
     images: list[Any] | None = Field(None, description="Not supported; must be null.")
 
-    @field_validator("guided_decoding_regex", "images")
+    @field_validator("guided_decoding_regex", "structured_outputs_regex", "images")
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
         if value:
             raise ValueError("is not supported by this server; leave it null")
+        return value
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be a number of tokens >= 1, -1 (as many as the model takes) or null")
         return value
 
     @field_validator("stop")
