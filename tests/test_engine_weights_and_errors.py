@@ -1,7 +1,10 @@
 """Live weight updates by Hugging Face name, and clear errors for bad input."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -178,3 +181,38 @@ def test_shutdown_releases_the_cache_and_refuses_further_requests(tiny_checkpoin
         with pytest.raises(RuntimeError, match="shut down"):
             use()
     llm.shutdown()  # a second call does nothing
+
+
+HUB_ID_SCRIPT = """
+import json, sys
+from flywheel import LLM, SamplingParams
+greedy = SamplingParams(temperature=0.0, max_tokens=8)
+outputs = {}
+for revision in (None, "v2"):
+    outputs[str(revision)] = LLM("testorg/tiny", revision=revision, kv_cache_memory_gb=0.05).generate(
+        ["hello"], greedy)[0].outputs[0].token_ids
+try:
+    LLM("testorg/absent", kv_cache_memory_gb=0.05)
+except ValueError as error:
+    outputs["absent"] = str(error)
+print(json.dumps(outputs))
+"""
+
+
+def test_a_hub_id_and_its_revision_load_from_the_hugging_face_cache(tiny_checkpoints, tmp_path):
+    # A cache as the hub leaves it: snapshots by commit, and refs naming them.
+    repo = tmp_path / "hub" / "models--testorg--tiny"
+    for ref, commit, name in (("main", "a" * 40, "qwen2"), ("v2", "b" * 40, "qwen2_b")):
+        shutil.copytree(tiny_checkpoints[name], repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", HUB_ID_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outputs = json.loads(run.stdout.splitlines()[-1])
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    for revision, name in (("None", "qwen2"), ("v2", "qwen2_b")):
+        folder = LLM(tiny_checkpoints[name], kv_cache_memory_gb=0.05)
+        assert outputs[revision] == folder.generate(["hello"], greedy)[0].outputs[0].token_ids
+    assert "testorg/absent" in outputs["absent"] and "not a folder" in outputs["absent"]

@@ -6,13 +6,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flywheel.engine.checkpoint_folder import checkpoint_folder
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class EngineConfig:
-    model: str = field(metadata={"help": "Path of a Hugging Face checkpoint folder (config, safetensors, tokenizer)."})
-    revision: str | None = field(default=None, metadata={"help": "Revision of the checkpoint (hub-style folders)."})
+    model: str = field(
+        metadata={"help": "A Hugging Face checkpoint folder (config, safetensors, tokenizer) or hub id (fetched "
+                          "into the Hugging Face cache when it is not there)."}
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Revision (branch, tag or commit) of a hub id; a folder is read as it is."}
+    )
     dtype: str = field(
         default="auto",
         metadata={"help": "float32, bfloat16, float16, or auto (float32 on CPU, the checkpoint's dtype or bfloat16 on GPU)."},
@@ -61,6 +68,7 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = checkpoint_folder(self.model, self.revision)
 
     @property
     def on_cuda(self) -> bool:
