@@ -159,6 +159,8 @@ def test_bad_engine_options_raise(tiny_checkpoints):
         LLM(tiny_checkpoints["qwen2"], max_model_len=10**6)
     with pytest.raises(ValueError, match="KV cache holds"):
         LLM(tiny_checkpoints["qwen2"], num_kv_blocks=2, max_model_len=512)
+    with pytest.raises(ValueError, match="kv_cache_memory_gb must be > 0"):
+        LLM(tiny_checkpoints["qwen2"], kv_cache_memory_gb=-1.0)
 
 
 def test_sleep_releases_the_cache_and_wake_up_restores_it(llm):

@@ -135,7 +135,8 @@ class RolloutTrainingArguments(TrainingArguments):
     )
     vllm_kv_cache_memory_gb: float | None = field(
         default=None,
-        metadata={"help": "Colocate: KV-cache size in GiB (used on the CPU; on a GPU the memory fraction decides)."},
+        metadata={"help": "Colocate: KV-cache size in GiB; on a GPU it takes the place of "
+                          "vllm_gpu_memory_utilization's share (default: 1 on the CPU, that share on a GPU)."},
     )
     vllm_enable_sleep_mode: bool = field(
         default=False,
