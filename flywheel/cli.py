@@ -1,4 +1,4 @@
-"""The `flywheel` command: serve (alias vllm-serve), demo, env."""
+"""The `flywheel` command: serve (alias vllm-serve), demo, bench, env."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ COMMANDS = {
     "serve": ("flywheel.server.cli", "run the generation server (TRL's `vllm-serve` endpoints)"),
     "vllm-serve": ("flywheel.server.cli", "alias of `serve`"),
     "demo": ("flywheel.demo.cli", "train the shipped small model with GRPO on the CPU"),
+    "bench": ("flywheel.bench_command", "run a benchmark of bench/ (from a checkout of the repository)"),
     "env": ("flywheel.env_info", "print the versions and devices flywheel sees"),
 }
 
