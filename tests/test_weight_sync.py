@@ -193,4 +193,8 @@ def test_a_failed_join_frees_the_rendezvous_port_at_once():
         joiner.join(30)
     assert len(failures) == 2
     with socket.socket() as listener:
-        listener.bind(("127.0.0.1", port))  # EADDRINUSE while the failed group's store still listens
+        # SO_REUSEADDR, as a store hosting the port sets: the closed connections' TIME_WAIT do not count,
+        # a store still listening does (EADDRINUSE).
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
