@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flywheel.cli import main as flywheel_main
-from flywheel.server.options import parse_options
+from flywheel.server.options import ServerOptions, parse_options
 
 
 def test_underscore_and_dash_spellings_parse_the_same():
@@ -28,14 +28,38 @@ def test_defaults_listen_on_localhost_and_take_the_api_key_from_the_environment(
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--tensor_parallel_size", "0"], "tensor_parallel_size must be >= 1"),
-    (["--gpu_memory_utilization", "1.5"], "gpu_memory_utilization"),
-    (["--dtype", "int8"], "dtype must be"),
-    (["--log_level", "loud"], "log_level"),
+    (["--tensor-parallel-size", "0"], "tensor_parallel_size must be >= 1, got 0"),
+    (["--gpu_memory_utilization", "1.5"], "gpu_memory_utilization must be in (0, 1], got 1.5"),
+    (["--dtype", "int8"], "dtype must be auto, float32, bfloat16 or float16, got 'int8'"),
+    (["--log-level", "loud"], "log_level must be one of"),
+    (["--port", "70000"], "port must be in 0..65535, got 70000"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
 ])
-def test_bad_options_say_what_to_fix(argv, message):
-    with pytest.raises(ValueError, match=message):
-        parse_options(["--model", "m", *argv])
+def test_bad_options_are_usage_errors_that_say_what_to_fix(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        flywheel_main(["serve", "--model", "m", *argv])
+
+    error = capsys.readouterr().err.splitlines()[-1]  # argparse's usage lines come first
+    assert exit_info.value.code == 2
+    assert error.startswith("flywheel serve: error: ") and message in error
+
+
+def test_options_built_in_code_raise_what_to_fix():
+    with pytest.raises(ValueError, match="dtype must be auto, float32, bfloat16 or float16, got 'int8'"):
+        ServerOptions(model="m", dtype="int8")
+
+
+def test_model_is_a_folder_or_a_hub_id(tmp_path, capsys):
+    assert parse_options(["--model", str(tmp_path)]).model == str(tmp_path)
+    assert parse_options(["--model", "Qwen/Qwen2.5-0.5B-Instruct"]).model == "Qwen/Qwen2.5-0.5B-Instruct"
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_options(["--model", "/nonexistent/path"])
+
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "flywheel serve: error: argument --model: '/nonexistent/path' is neither a folder nor a Hugging Face hub id "
+        "(org/name)")
 
 
 @pytest.mark.parametrize("command", ["serve", "vllm-serve"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 from flywheel.server.options import ServerOptions, parse_options
 
@@ -16,6 +17,14 @@ def main(argv: list[str]) -> int:
     return serve(options)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised the way Ctrl+C raises KeyboardInterrupt, so that both stop the engine workers."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def serve(options: ServerOptions) -> int:
     """Run the server until SIGINT/SIGTERM; the workers are stopped on the way out."""
     import uvicorn
@@ -27,23 +36,33 @@ def serve(options: ServerOptions) -> int:
     if options.host not in ("127.0.0.1", "localhost", "::1") and options.api_key is None:
         logger.warning("listening on %s without an API key: anyone who can reach it can generate and replace "
                        "the weights; set --api_key or FLYWHEEL_API_KEY", options.host)
-    tokenizer = AutoTokenizer.from_pretrained(options.model, revision=options.revision)
-    config = AutoConfig.from_pretrained(options.model, revision=options.revision)
-    vocab_size = config.get_text_config().vocab_size
+    # The workers are not daemons: leaving without stopping them would leave them running (SIGTERM's
+    # default) or wait for them forever (multiprocessing joins them at exit).
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     pool = WorkerPool(options)
     try:
-        pool.start()
-    except (RuntimeError, TimeoutError, ValueError) as error:
-        logger.error("%s", error)
-        return 1
-    logger.info("%d engine(s) of tensor_parallel_size %d ready; serving http://%s:%d (OpenAPI at /docs)",
-                options.data_parallel_size, options.tensor_parallel_size, options.host, options.port)
-    try:
+        tokenizer = AutoTokenizer.from_pretrained(options.model, revision=options.revision)
+        config = AutoConfig.from_pretrained(options.model, revision=options.revision)
+        vocab_size = config.get_text_config().vocab_size
+        try:
+            pool.start()
+        except (RuntimeError, TimeoutError, ValueError) as error:
+            logger.error("%s", error)
+            return 1
+        logger.info("%d engine(s) of tensor_parallel_size %d ready; serving http://%s:%d (OpenAPI at /docs)",
+                    options.data_parallel_size, options.tensor_parallel_size, options.host, options.port)
         app = create_app(ServerState(options, pool, tokenizer, vocab_size))
         server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port,
                                                log_level="trace" if options.log_level == "trace" else options.log_level,
                                                timeout_graceful_shutdown=10))
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:
+            pass  # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again for the handler it replaced
         return 0 if server.started else 1
+    except KeyboardInterrupt as interrupt:
+        logger.warning("interrupted; stopping the engine workers")
+        return 128 + (signal.SIGTERM if isinstance(interrupt, _Terminated) else signal.SIGINT)
     finally:
         pool.shutdown()
+        signal.signal(signal.SIGTERM, previous_sigterm)

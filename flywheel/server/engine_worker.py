@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
 import time
 from typing import Any
 
@@ -25,6 +27,12 @@ IDLE_POLL_S = 0.5
 
 def worker_main(dp_rank: int, options: ServerOptions, cuda_devices: str | None, inbox, outbox) -> None:
     """Entry point of one data-parallel worker process."""
+    # Watched through spawn's pipe, which is ready once the server has exited, even before this
+    # line ran; a parent pid read after loading (or even now) may already be whoever adopted us.
+    server = mp.parent_process()
+    loaded = threading.Event()
+    threading.Thread(target=_exit_if_the_server_dies_while_loading, args=(server, loaded),
+                     name="flywheel-server-watch", daemon=True).start()
     if cuda_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_devices
     else:
@@ -45,9 +53,10 @@ def worker_main(dp_rank: int, options: ServerOptions, cuda_devices: str | None, 
         logger.exception("loading the engine failed")
         outbox.put(("fatal", dp_rank, f"loading the engine failed: {type(error).__name__}: {error}"))
         return
+    loaded.set()
     outbox.put(("ready", dp_rank, ready))
     try:
-        _serve(dp_rank, options, llm, inbox, outbox)
+        _serve(dp_rank, options, server, llm, inbox, outbox)
     except Exception as error:
         logger.exception("engine worker crashed")
         outbox.put(("fatal", dp_rank, f"{type(error).__name__}: {error}"))
@@ -59,6 +68,20 @@ def worker_main(dp_rank: int, options: ServerOptions, cuda_devices: str | None, 
         except Exception:
             logger.debug("closing the weight-sync group at exit failed", exc_info=True)
         llm.shutdown()
+
+
+def _exit_if_the_server_dies_while_loading(server: mp.process.BaseProcess, loaded: threading.Event) -> None:
+    """Loading can take minutes and does not look at the inbox: exit as soon as the server is gone.
+    Once loaded, _serve notices instead and shuts the engine down in order."""
+    server.join()
+    if loaded.is_set():
+        return
+    logger.warning("the server process is gone; exiting before the engine has loaded")
+    try:
+        for rank in mp.active_children():  # the engine's tensor-parallel ranks started so far
+            rank.terminate()
+    finally:
+        os._exit(1)
 
 
 def _logging_level(name: str) -> int:
@@ -85,15 +108,14 @@ def _param_shapes(llm) -> dict[str, tuple[int, ...]]:
     return hf_parameter_shapes(llm.engine.hf_config)
 
 
-def _serve(dp_rank: int, options: ServerOptions, llm, inbox, outbox) -> None:
+def _serve(dp_rank: int, options: ServerOptions, server: mp.process.BaseProcess, llm, inbox, outbox) -> None:
     from flywheel.engine.sampling import SamplingParams
 
     engine = llm.engine
-    parent = os.getppid()
     in_flight: set[str] = set()
     streams: dict[str, dict[int, _Sent]] = {}  # streamed request id -> what was sent of each completion
     while True:
-        if os.getppid() != parent:
+        if not server.is_alive():
             logger.warning("the server process is gone; exiting")
             return
         messages = []

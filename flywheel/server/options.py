@@ -99,7 +99,24 @@ class ServerOptions:
 
 
 def parse_options(argv: list[str]) -> ServerOptions:
-    """Parse `flywheel serve` arguments; `--help` prints every option with its help text."""
+    """Parse `flywheel serve` arguments; `--help` prints every option with its help text. A bad or
+    unknown option is a usage error (exit code 2) that names it, as argparse gives for a bad type."""
     parser = HfArgumentParser(ServerOptions, prog="flywheel serve")
-    (options,) = parser.parse_args_into_dataclasses(argv)
-    return options
+    # argparse's own parse_args: HfArgumentParser.parse_args_into_dataclasses raises a ValueError for an unknown option.
+    namespace = parser.parse_args(argv)
+    if not os.path.isdir(namespace.model) and not _is_hub_id(namespace.model):
+        parser.error(f"argument --model: {namespace.model!r} is neither a folder nor a Hugging Face hub id (org/name)")
+    try:
+        return ServerOptions(**vars(namespace))
+    except ValueError as error:
+        parser.error(f"{error}")
+
+
+def _is_hub_id(model: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return False
+    return True
