@@ -214,8 +214,10 @@ def test_prompt_plus_max_tokens_over_max_model_len_gets_400_saying_the_room_left
         prompt_tokens = len(encode_conversation(tokenizer, LONG_CONVERSATION, {}))
     assert response.status_code == 400, response.text
     room = MAX_MODEL_LEN - prompt_tokens
-    assert response.json()["detail"] == (f"{field}: 30 is too many for {prompt}: at most {room} (max_model_len "
-                                         f"{MAX_MODEL_LEN} - {prompt_tokens} prompt tokens)")
+    # The /v1 routes answer in OpenAI's error format.
+    message = response.json()["error"]["message"] if path.startswith("/v1/") else response.json()["detail"]
+    assert message == (f"{field}: 30 is too many for {prompt}: at most {room} (max_model_len "
+                       f"{MAX_MODEL_LEN} - {prompt_tokens} prompt tokens)")
 
 
 def test_max_tokens_that_fill_max_model_len_exactly_are_all_generated(client):

@@ -70,7 +70,7 @@ def test_stream_over_the_timeout_ends_with_an_error_event_and_is_aborted(server)
 
     assert response.status_code == 200
     assert json.loads(events[0])["choices"][0]["index"] in range(4)
-    assert json.loads(events[-1])["error"]["code"] == 504 and "request_timeout" in events[-1]
+    assert json.loads(events[-1])["error"]["type"] == "timeout_error" and "request_timeout" in events[-1]
     assert engines_idle(server.base_url)
 
 

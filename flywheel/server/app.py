@@ -11,12 +11,21 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flywheel.engine.sampling import SamplingParams
 from flywheel.server.body_limit import BodyLimit
+from flywheel.server.openai_api import (
+    OPENAI_PREFIX,
+    add_openai_routes,
+    named_field,
+    openai_error,
+    openai_validation_error,
+)
 from flywheel.server.options import ServerOptions
 from flywheel.server.protocol import (
     BatchUpdateRequest,
@@ -106,11 +115,13 @@ class ServerState:
                                          f"most {room} (max_model_len {max_model_len} - {len(ids)} prompt tokens)")
         return prompt_ids
 
-    def fit_default_max_tokens(self, prompt_ids: list[list[int]], max_tokens: int) -> int:
-        """`max_tokens` lowered to what the longest prompt leaves within max_model_len (for defaults)."""
+    def fit_default_max_tokens(self, prompt_ids: list[list[int]], max_tokens: int | None) -> int | None:
+        """`max_tokens` lowered to what the longest prompt leaves within max_model_len (for defaults);
+        None: all of that room."""
         if self.pool.max_model_len is None:
             return max_tokens
-        return max(1, min(max_tokens, self.pool.max_model_len - max(len(ids) for ids in prompt_ids)))
+        room = max(1, self.pool.max_model_len - max(len(ids) for ids in prompt_ids))
+        return room if max_tokens is None else min(max_tokens, room)
 
     def sampling_params(self, request: SamplingFields) -> dict[str, Any]:
         """The SamplingParams keyword arguments of a request, validated by SamplingParams itself."""
@@ -210,6 +221,15 @@ def encode_conversation(tokenizer, conversation: list[dict[str, Any]], template_
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def error_response(path: str, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in the format of the route's API: OpenAI's under /v1/, `{"detail": ...}` elsewhere."""
+    if path.startswith(OPENAI_PREFIX):
+        content = openai_error(status, message, named_field(message))
+    else:
+        content = {"detail": message}
+    return JSONResponse(status_code=status, content=content, headers=headers)
+
+
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -228,10 +248,18 @@ def create_app(state: ServerState) -> FastAPI:
         app.add_api_route(path + "/", endpoint, methods=[method], dependencies=guarded,
                           include_in_schema=False, **kwargs)
 
-    app.add_middleware(BodyLimit, limit=int(state.options.max_request_mb * 2**20))
+    app.add_middleware(BodyLimit, limit=int(state.options.max_request_mb * 2**20), error_response=error_response)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if request.url.path.startswith(OPENAI_PREFIX):
+            return error_response(request.url.path, error.status_code, str(error.detail), error.headers)
+        return await http_exception_handler(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith(OPENAI_PREFIX):
+            return openai_validation_error(error)
         parts = []
         for problem in error.errors():
             location = [str(p) for p in problem["loc"] if p != "body"]
@@ -242,11 +270,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(WorkerDied)
     async def _worker_died(request: Request, error: WorkerDied) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": str(error)})
+        return error_response(request.url.path, 503, str(error))
 
     @app.exception_handler(EngineRejected)
     async def _engine_rejected(request: Request, error: EngineRejected) -> JSONResponse:
-        return JSONResponse(status_code=400, content={"detail": f"the engine refused the request: {error}"})
+        return error_response(request.url.path, 400, f"the engine refused the request: {error}")
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, error: ClientGone) -> Response:
@@ -393,8 +421,6 @@ def create_app(state: ServerState) -> FastAPI:
     route("POST", "/batch_update_named_params", batch_update_named_params)
     route("POST", "/reset_prefix_cache", reset_prefix_cache)
     route("POST", "/close_communicator", close_communicator)
-
-    from flywheel.server.openai_api import add_openai_routes
 
     add_openai_routes(app, state, guarded)
     return app

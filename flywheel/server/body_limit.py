@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
+from typing import Callable
+
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -10,11 +12,12 @@ class BodyLimit:
     """ASGI middleware: a body over `limit` bytes is answered 413 before any route sees it.
 
     A stated Content-Length is checked first; a chunked body is read up to the limit, then handed on
-    whole (routes read the whole body anyway to parse it).
+    whole (routes read the whole body anyway to parse it). `error_response(path, status, message)`
+    answers in the format of the route's API.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, error_response: Callable[[str, int, str], Response]) -> None:
+        self.app, self.limit, self.error_response = app, limit, error_response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -23,8 +26,8 @@ class BodyLimit:
         stated = dict(scope["headers"]).get(b"content-length")
         if stated is not None:
             if not stated.isdigit():
-                await JSONResponse(status_code=400, content={
-                    "detail": f"content-length: not a number ({stated.decode(errors='replace')!r})"})(scope, receive, send)
+                message = f"content-length: not a number ({stated.decode(errors='replace')!r})"
+                await self.error_response(scope["path"], 400, message)(scope, receive, send)
                 return
             if int(stated) > self.limit:
                 await self._refuse(f"{int(stated)} bytes", scope, receive, send)
@@ -42,9 +45,8 @@ class BodyLimit:
         await self.app(scope, _replaying(bytes(body), receive), send)
 
     async def _refuse(self, size: str, scope: Scope, receive: Receive, send: Send) -> None:
-        await JSONResponse(status_code=413, content={
-            "detail": f"body: {size} is over this server's limit of {self.limit} bytes (--max_request_mb)"})(
-            scope, receive, send)
+        message = f"body: {size} is over this server's limit of {self.limit} bytes (--max_request_mb)"
+        await self.error_response(scope["path"], 413, message)(scope, receive, send)
 
 
 def _replaying(body: bytes, receive: Receive) -> Receive:

@@ -1,5 +1,9 @@
 """OpenAI-compatible endpoints: /v1/models, /v1/completions and /v1/chat/completions (with SSE streaming).
 
+Requests and responses follow OpenAI's API as vLLM serves it: a JSON null means the field's default,
+errors come as `{"error": {"message", "type", "param", "code"}}` (a malformed request is a 400), and
+`top_logprobs` are the k most likely tokens at each position.
+
 With `stream=true` the engines report every step's progress: each choice's new text goes out as
 it is generated, then its finish reason, then (when `stream_options.include_usage`) the usage, then
 `[DONE]`. A client that disconnects has its requests aborted.
@@ -10,18 +14,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import aclosing
+from itertools import accumulate
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from flywheel.server.protocol import ChatMessage
 
 logger = logging.getLogger(__name__)
+
+OPENAI_PREFIX = "/v1/"
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 504: "timeout_error"}
+# This server's error messages start with the request field they are about: `max_tokens: 30 is too many ...`.
+_NAMED_FIELD = re.compile(r"([A-Za-z_]\w*)[\w.\[\]]*: ")
 
 
 class StreamOptions(BaseModel):
@@ -44,6 +56,7 @@ class _OpenAIFields(BaseModel):
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] = Field(default_factory=dict)
     user: str | None = None
     # vLLM's extra sampling parameters, which OpenAI clients pass through `extra_body`.
     top_k: int = Field(-1, ge=-1)
@@ -53,21 +66,106 @@ class _OpenAIFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_mean_defaults(cls, data: Any) -> Any:
+        # OpenAI's clients send `"temperature": null` and the like for "not given".
+        return {name: value for name, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions, info: ValidationInfo) -> StreamOptions:
+        if not info.data.get("stream"):
+            raise ValueError("is only allowed with stream: true")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float]) -> dict[str, float]:
+        if value:
+            raise ValueError("is not supported by this server; leave it empty or null")
+        return value
+
 
 class CompletionRequest(_OpenAIFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(..., min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echoing the prompt is not supported by this server; leave it false")
+        return value
+
+
+class OpenAIChatMessage(ChatMessage):
+    """A chat message whose content may also be a list of text parts, joined by newlines as vLLM does."""
+
+    @field_validator("content")
+    @classmethod
+    def _joined_text_parts(cls, content: str | list[Any] | None) -> str | None:
+        if not isinstance(content, list):
+            return content
+        for index, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"part {index} is of type {kind!r}; only text parts "
+                                 "({'type': 'text', 'text': ...}) are supported")
+        return "\n".join(part["text"] for part in content)
 
 
 class ChatCompletionRequest(_OpenAIFields):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[OpenAIChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _only_with_logprobs(cls, value: int, info: ValidationInfo) -> int:
+        if not info.data.get("logprobs"):
+            raise ValueError("is only allowed with logprobs: true")
+        return value
 
-def _sampling(body: _OpenAIFields, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
+
+def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body for an HTTP status."""
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def named_field(message: str) -> str | None:
+    """The request field an error message starts with (`messages[0]: ...` names `messages`); None for
+    none, or for `body: ...` (the request as a whole)."""
+    match = _NAMED_FIELD.match(message)
+    return match.group(1) if match and match.group(1) != "body" else None
+
+
+def openai_validation_error(error: RequestValidationError) -> JSONResponse:
+    """A request that does not fit the schema: 400 (as vLLM answers), naming each field that is wrong."""
+    problems = [(_request_location(problem["loc"]), problem["msg"].removeprefix("Value error, "))
+                for problem in error.errors()]
+    message = "; ".join(f"{_field_path(location)}: {text}" for location, text in problems)
+    first = problems[0][0] if problems else ()
+    param = first[0] if first and isinstance(first[0], str) else None
+    return JSONResponse(status_code=400, content=openai_error(400, message, param))
+
+
+def _request_location(location: tuple) -> tuple:
+    return location[1:] if location and location[0] == "body" else location
+
+
+def _field_path(location: tuple) -> str:
+    """`messages[0].content` for pydantic's ("messages", 0, "content"); `body` for the body as a whole."""
+    if not location or not isinstance(location[0], str):
+        return "body"
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).removeprefix(".")
+
+
+def _sampling(body: _OpenAIFields, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return dict(n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                 repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
@@ -80,6 +178,7 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
     from flywheel.server.app import encode_conversation, encode_text
 
     served = state.options.model
+    model_card = {"id": served, "object": "model", "created": 0, "owned_by": "flywheel"}
 
     def check_model(name: str | None) -> str:
         if name not in (None, served, served.rstrip("/").rsplit("/", 1)[-1]):
@@ -87,8 +186,11 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
         return served
 
     async def models() -> dict:
-        return {"object": "list",
-                "data": [{"id": served, "object": "model", "created": 0, "owned_by": "flywheel"}]}
+        return {"object": "list", "data": [model_card]}
+
+    async def model_by_id(model_id: str) -> dict:
+        check_model(model_id)
+        return model_card
 
     async def completions(body: CompletionRequest, request: Request):
         model = check_model(body.model)
@@ -114,22 +216,24 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
                 choice = {"index": len(choices), "text": completion["text"],
                           "finish_reason": completion["finish_reason"], "logprobs": None}
                 if body.logprobs is not None:
-                    choice["logprobs"] = _completion_logprobs(state.tokenizer, completion)
+                    choice["logprobs"] = _completion_logprobs(state.tokenizer, completion)[0]
                 choices.append(choice)
         return _envelope("cmpl", "text_completion", model, choices, outputs)
 
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         model = check_model(body.model)
         top = (body.top_logprobs or 0) if body.logprobs else None
+        # Left out, max_tokens is what the context has room for, as OpenAI's and vLLM's chat endpoints do.
+        default_max_tokens = state.options.max_tokens_limit
         params = state.checked_sampling(
-            _sampling(body, body.max_completion_tokens or body.max_tokens or state.default_max_tokens, top))
+            _sampling(body, body.max_completion_tokens or body.max_tokens or default_max_tokens, top))
         conversation = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
             prompt_ids = [encode_conversation(state.tokenizer, conversation, body.chat_template_kwargs)]
         except Exception as error:
             raise HTTPException(400, f"messages: the chat template failed: {error}") from error
         if body.max_completion_tokens is None and body.max_tokens is None:
-            params["max_tokens"] = state.fit_default_max_tokens(prompt_ids, params["max_tokens"])
+            params["max_tokens"] = state.fit_default_max_tokens(prompt_ids, default_max_tokens)
         max_tokens_field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
         prompt_ids = state.check_prompt_ids(prompt_ids, "messages", params["max_tokens"], max_tokens_field)
         if body.stream:
@@ -140,11 +244,12 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
             choice = {"index": len(choices), "message": {"role": "assistant", "content": completion["text"]},
                       "finish_reason": completion["finish_reason"], "logprobs": None}
             if body.logprobs:
-                choice["logprobs"] = {"content": _chat_logprobs(state.tokenizer, completion)}
+                choice["logprobs"] = {"content": _chat_logprobs(state.tokenizer, completion, top)}
             choices.append(choice)
         return _envelope("chatcmpl", "chat.completion", model, choices, outputs)
 
-    for path, endpoint, method in (("/v1/models", models, "GET"), ("/v1/completions", completions, "POST"),
+    for path, endpoint, method in (("/v1/models", models, "GET"), ("/v1/models/{model_id:path}", model_by_id, "GET"),
+                                   ("/v1/completions", completions, "POST"),
                                    ("/v1/chat/completions", chat_completions, "POST")):
         app.add_api_route(path, endpoint, methods=[method], dependencies=dependencies)
 
@@ -182,13 +287,16 @@ async def stream_response(state, request: Request, prompt_ids: list[list[int]], 
             "model": state.options.model}
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     with_logprobs = params["logprobs"] is not None
+    text_offsets: dict[int, int] = {}  # per choice, where its next token starts in its text
 
     def content_choice(index: int, part: dict[str, Any], first: bool) -> dict[str, Any]:
         if chat:
             delta = {"role": "assistant", "content": part["text"]} if first else {"content": part["text"]}
-            logprobs = {"content": _chat_logprobs(state.tokenizer, part)} if with_logprobs else None
+            logprobs = {"content": _chat_logprobs(state.tokenizer, part, params["logprobs"])} if with_logprobs else None
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
-        logprobs = _completion_logprobs(state.tokenizer, part) if with_logprobs else None
+        logprobs = None
+        if with_logprobs:
+            logprobs, text_offsets[index] = _completion_logprobs(state.tokenizer, part, text_offsets.get(index, 0))
         return {"index": index, "text": part["text"], "logprobs": logprobs, "finish_reason": None}
 
     def finish_choice(index: int, reason: str) -> dict[str, Any]:
@@ -219,11 +327,11 @@ async def stream_response(state, request: Request, prompt_ids: list[list[int]], 
             except TimeoutError:
                 message = (f"generation took longer than {state.options.request_timeout:.0f}s (--request_timeout); "
                            "it was aborted")
-                yield event({"error": {"message": message, "type": "timeout", "code": 504}})
+                yield event(openai_error(504, message))
                 return
             except Exception as error:  # headers are out: the client learns of it from the stream
                 logger.error("a streamed request failed: %s", error)
-                yield event({"error": {"message": str(error), "type": type(error).__name__, "code": 500}})
+                yield event(openai_error(500, f"{type(error).__name__}: {error}"))
                 return
         if include_usage:
             usage = _usage(sum(len(ids) for ids in prompt_ids), completion_tokens)
@@ -233,18 +341,37 @@ async def stream_response(state, request: Request, prompt_ids: list[list[int]], 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def _completion_logprobs(tokenizer, completion: dict[str, Any]) -> dict[str, Any]:
+def _completion_logprobs(tokenizer, completion: dict[str, Any], text_offset: int = 0) -> tuple[dict[str, Any], int]:
+    """The legacy `logprobs` object, whose `top_logprobs` hold the top-k and the sampled token (up to k + 1,
+    as OpenAI's), and the text offset after its last token."""
     tokens = [tokenizer.decode([t]) for t in completion["token_ids"]]
-    rows = zip(completion["logprobs"] or [], completion["logprob_token_ids"] or [])
-    return {"tokens": tokens,
-            "token_logprobs": [values[0] for values in completion["logprobs"] or []],
-            "top_logprobs": [{tokenizer.decode([t]): v for t, v in zip(ids[1:], values[1:])} for values, ids in rows]}
+    offsets = list(accumulate(map(len, tokens), initial=text_offset))
+    top_logprobs = []
+    for values, ids in zip(completion["logprobs"] or [], completion["logprob_token_ids"] or []):
+        alternatives: dict[str, float] = {}
+        for token_id, logprob in _most_likely_first(ids, values):
+            alternatives.setdefault(tokenizer.decode([token_id]), logprob)  # tokens that decode alike: the likeliest
+        top_logprobs.append(alternatives)
+    logprobs = {"tokens": tokens, "token_logprobs": [values[0] for values in completion["logprobs"] or []],
+                "top_logprobs": top_logprobs, "text_offset": offsets[:-1]}
+    return logprobs, offsets[-1]
 
 
-def _chat_logprobs(tokenizer, completion: dict[str, Any]) -> list[dict[str, Any]]:
+def _chat_logprobs(tokenizer, completion: dict[str, Any], num_top: int) -> list[dict[str, Any]]:
+    """Chat's `logprobs.content`: per token, its logprob and the `num_top` most likely tokens there."""
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        token = tokenizer.decode([token_id])
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
     content = []
     for values, ids in zip(completion["logprobs"] or [], completion["logprob_token_ids"] or []):
-        content.append({"token": tokenizer.decode([ids[0]]), "logprob": values[0],
-                        "top_logprobs": [{"token": tokenizer.decode([t]), "logprob": v}
-                                         for t, v in zip(ids[1:], values[1:])]})
+        top = [entry(*pair) for pair in _most_likely_first(ids, values)[:num_top]]
+        content.append({**entry(ids[0], values[0]), "top_logprobs": top})
     return content
+
+
+def _most_likely_first(ids: list[int], values: list[float]) -> list[tuple[int, float]]:
+    """A logprob row's (token id, logprob) pairs by logprob. The engine sends the sampled token first and
+    then the top-k without it, so the first k pairs are the top-k whether or not it is among them."""
+    return sorted(zip(ids, values), key=lambda pair: -pair[1])
