@@ -4,6 +4,9 @@ The same program TRL users write, with `from flywheel import ...`. Every GRPOCon
 
 CPU, nothing downloaded (a tiny random model is written first):
     python examples/train_grpo.py --max_steps 20 --learning_rate 1e-2 --max_completion_length 16
+Evaluated on held-out prompts every 5 steps, the checkpoint of the best eval reward kept:
+    python examples/train_grpo.py --max_steps 20 --max_completion_length 16 --eval_strategy steps --eval_steps 5 \
+        --save_steps 5 --metric_for_best_model reward --load_best_model_at_end
 Colocated engine (generation inside the training process):
     python examples/train_grpo.py --use_vllm --vllm_mode colocate
 A generation server on GPUs 0-3, training on GPUs 4-7:
@@ -30,6 +33,8 @@ TOPICS = ["the sea", "a city at night", "bread", "rain", "a violin", "mountains"
 @dataclass
 class ScriptArguments:
     model: str | None = field(default=None, metadata={"help": "Model path or hub id; default: a tiny random model."})
+    eval_fraction: float = field(default=0.1, metadata={
+        "help": "Share of the prompts held out for evaluation when --eval_strategy is not 'no'."})
 
 
 def reward_num_unique_chars(completions, **kwargs):
@@ -41,8 +46,13 @@ def main() -> None:
     script_args, training_args = HfArgumentParser((ScriptArguments, GRPOConfig)).parse_args_into_dataclasses()
     model = script_args.model or str(write_tiny_checkpoint(tempfile.mkdtemp(prefix="tiny-qwen2-"), "qwen2"))
     dataset = Dataset.from_dict({"prompt": [f"Write one sentence about {topic}." for topic in TOPICS] * 16})
-    trainer = GRPOTrainer(model=model, args=training_args, reward_funcs=reward_num_unique_chars, train_dataset=dataset)
-    trainer.train()
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        splits = dataset.train_test_split(test_size=script_args.eval_fraction, seed=training_args.seed)
+        dataset, eval_dataset = splits["train"], splits["test"]
+    trainer = GRPOTrainer(model=model, args=training_args, reward_funcs=reward_num_unique_chars,
+                          train_dataset=dataset, eval_dataset=eval_dataset)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
 
 

@@ -32,6 +32,8 @@ QUESTIONS = ["What is a river?", "Describe a cat.", "Why is the sky blue?", "Nam
 class ScriptArguments:
     model: str | None = field(default=None, metadata={"help": "Model path or hub id; default: a tiny random model."})
     reward_model: str | None = field(default=None, metadata={"help": "Rank with this reward model instead."})
+    eval_fraction: float = field(default=0.1, metadata={
+        "help": "Share of the prompts held out for evaluation when --eval_strategy is not 'no'."})
 
 
 def main() -> None:
@@ -41,8 +43,13 @@ def main() -> None:
     ranker = (dict(reward_model=script_args.reward_model) if script_args.reward_model else
               dict(reward_funcs=char_fraction_reward("aeiou", name="vowel_fraction")))
     dataset = Dataset.from_dict({"prompt": conversations})
-    trainer = OnlineDPOTrainer(model=model, args=training_args, train_dataset=dataset, **ranker)
-    trainer.train()
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        splits = dataset.train_test_split(test_size=script_args.eval_fraction, seed=training_args.seed)
+        dataset, eval_dataset = splits["train"], splits["test"]
+    trainer = OnlineDPOTrainer(model=model, args=training_args, train_dataset=dataset,
+                               eval_dataset=eval_dataset, **ranker)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
 
 

@@ -156,6 +156,23 @@ def test_each_evaluation_logs_its_own_generations_under_its_prefix(tiny_checkpoi
     assert trainer.state.log_history[-1]["eval_reward"] == 0.0
 
 
+def test_evaluate_returns_its_generation_metrics_so_the_best_checkpoint_can_be_chosen_by_reward(
+        tiny_checkpoints, tmp_path):
+    dataset = Dataset.from_dict({"prompt": ["a", "b", "c", "d"]})
+    args = learning_args(tmp_path, per_device_train_batch_size=4, num_generations=4, max_steps=2,
+                         per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                         save_steps=1, metric_for_best_model="eval_reward", greater_is_better=True,
+                         load_best_model_at_end=True)
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction, args=args,
+                          train_dataset=dataset, eval_dataset=dataset)
+    trainer.train()
+    assert trainer.state.best_metric == max(entry["eval_reward"] for entry in trainer.state.log_history
+                                            if "eval_reward" in entry)
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_reward", "eval_completions/mean_length", "eval_time/generation"} <= set(metrics)
+    assert trainer.state.log_history[-1]["eval_reward"] == metrics["eval_reward"]
+
+
 def test_rewards_are_computed_after_the_first_training_forward_is_launched(tiny_checkpoints, tmp_path,
                                                                           monkeypatch):
     events, decoding_threads = [], []

@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import set_seed
 from accelerate.utils.operations import ConvertOutputsToFp32
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -25,6 +26,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
 )
+from transformers.trainer_utils import EvalLoopOutput
 
 from flywheel.trainer.batching import left_pad, right_pad
 from flywheel.trainer.exit_teardown import destroy_gloo_group_at_exit
@@ -254,18 +256,16 @@ class OnlineTrainer(Trainer):
         finally:
             self.rollout.finish_training()
 
-    def predict(self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"):
-        """As `Trainer.predict`, with the generation metrics of the pass in `metrics` (predict logs nothing)."""
-        output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+    def evaluation_loop(self, dataloader: DataLoader, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> EvalLoopOutput:
+        """As `Trainer.evaluation_loop`, with the generation metrics of the pass in its metrics: what
+        `evaluate` logs and returns (so `metric_for_best_model` can name one) and what `predict` returns."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.metrics.summary("eval", 1).items()})
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if not self.model.training:
-            # An evaluation's logs carry its prefix ("eval" unless `metric_key_prefix` says otherwise).
-            prefix = next((key.removesuffix("_runtime") for key in logs if key.endswith("_runtime")), "eval")
-            logs = {**logs, **{f"{prefix}_{k}": v for k, v in self.metrics.summary("eval", 1).items()}}
-        else:
+        if self.model.training:
             steps = self.state.global_step - self._metrics_logged_step
             self._metrics_logged_step = self.state.global_step
             logs = {**logs, **self.metrics.summary("train", steps)}
