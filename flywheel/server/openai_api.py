@@ -42,6 +42,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _only_with(flag: str):
+    """A field validator refusing its field unless the boolean field `flag` (declared before it) is true."""
+    def check(cls, value: Any, info: ValidationInfo) -> Any:
+        if not info.data.get(flag):
+            raise ValueError(f"is only allowed with {flag}: true")
+        return value
+    return check
+
+
 class _OpenAIFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -72,12 +81,7 @@ class _OpenAIFields(BaseModel):
         # OpenAI's clients send `"temperature": null` and the like for "not given".
         return {name: value for name, value in data.items() if value is not None} if isinstance(data, dict) else data
 
-    @field_validator("stream_options")
-    @classmethod
-    def _only_when_streaming(cls, value: StreamOptions, info: ValidationInfo) -> StreamOptions:
-        if not info.data.get("stream"):
-            raise ValueError("is only allowed with stream: true")
-        return value
+    _stream_options_need_stream = field_validator("stream_options")(_only_with("stream"))
 
     @field_validator("logit_bias")
     @classmethod
@@ -123,12 +127,7 @@ class ChatCompletionRequest(_OpenAIFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _only_with_logprobs(cls, value: int, info: ValidationInfo) -> int:
-        if not info.data.get("logprobs"):
-            raise ValueError("is only allowed with logprobs: true")
-        return value
+    _top_logprobs_need_logprobs = field_validator("top_logprobs")(_only_with("logprobs"))
 
 
 def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
