@@ -98,3 +98,24 @@ def test_prefix_cache_reset_forgets_every_hashed_block():
     assert manager.can_allocate(again)
     manager.allocate(again)
     assert again.num_cached_tokens == 0  # no hit after the reset
+
+
+def test_blocks_filled_across_a_weight_update_are_never_shared(tiny_checkpoints, hf_models):
+    """A request running while the weights change holds keys and values of both models: none of its
+    blocks may be hashed afterwards, not even a first block that fills up after the update."""
+    llm = LLM(tiny_checkpoints["qwen2"], dtype="float32", block_size=4)
+    engine, prompt = llm.engine, [7, 8]  # shorter than a block: no block is hashed at its prefill
+    engine.add_request("across", prompt, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    engine.step()
+    llm.load_weights(hf_models["qwen2_b"].named_parameters())
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [output for output in engine.step() if output.finished]
+    assert not engine.block_manager.hashed_block_ids
+    # The same tokens again: with the first block shared, its stale keys and values would be read.
+    again = prompt + finished[0].outputs[0].token_ids
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    [after] = llm.generate([again], greedy)
+    assert engine.stats.prefix_cache_hit_tokens == 0
+    [expected] = LLM(tiny_checkpoints["qwen2_b"], dtype="float32").generate([again], greedy)
+    assert after.outputs[0].token_ids == expected.outputs[0].token_ids

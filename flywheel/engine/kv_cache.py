@@ -40,6 +40,9 @@ class BlockManager:
         self.hash_to_block_id: dict[int, int] = {}
         # Every block that holds a hash, so that a reset touches those and not the whole pool.
         self.hashed_block_ids: set[int] = set()
+        # Bumped by every reset: a sequence allocated before it holds keys and values that the reset
+        # made stale (computed with other weights), so none of its blocks is hashed afterwards.
+        self.cache_epoch = 0
         self.prefix_cache_hit_tokens = 0
         # Counts the decode steps' changes to block tables (a new or a copied last block).
         self.appended_blocks = 0
@@ -103,6 +106,7 @@ class BlockManager:
         seq.table_version += 1
         seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
+        seq.cache_epoch = self.cache_epoch
         self.prefix_cache_hit_tokens += seq.num_cached_tokens
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -169,14 +173,12 @@ class BlockManager:
 
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Give a hash to each full block of ``seq`` whose keys and values are now computed."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.cache_epoch != self.cache_epoch:
             return
         num_full = seq.num_cached_tokens // self.block_size
         for i in range(seq.num_hashed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             parent = self.blocks[seq.block_table[i - 1]].hash if i > 0 else None
-            if i > 0 and parent is None:
-                return  # the chain was cut by a cache reset: nothing after it can be shared
             if block.hash is None:
                 tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
                 block.hash, block.token_ids = block_hash(parent, tokens), tokens
@@ -185,6 +187,7 @@ class BlockManager:
             seq.num_hashed_blocks = i + 1
 
     def reset_prefix_cache(self) -> None:
+        self.cache_epoch += 1
         self.hash_to_block_id.clear()
         for block_id in self.hashed_block_ids:
             block = self.blocks[block_id]

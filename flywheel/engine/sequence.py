@@ -51,6 +51,8 @@ class Sequence:
         # Tokens whose keys and values are in the cache (a prefix hit or an earlier step).
         self.num_cached_tokens = 0
         self.num_hashed_blocks = 0
+        # The block pool's prefix-cache epoch when this sequence's cache blocks were allocated.
+        self.cache_epoch = 0
         # Completions 1..n-1 of a request wait here until this one's prompt is prefilled, then fork.
         self.pending_forks: list[Sequence] = []
         self.logprobs = TokenLogprobs(params.logprobs) if params.logprobs is not None else None
@@ -88,4 +90,5 @@ class Sequence:
         child.table_version += 1
         child.num_cached_tokens = self.num_cached_tokens
         child.num_hashed_blocks = self.num_hashed_blocks
+        child.cache_epoch = self.cache_epoch
         child.status = SequenceStatus.RUNNING
