@@ -80,3 +80,11 @@ def test_config_beta_per_epoch_alias_and_errors(tmp_path):
         OnlineDPOConfig(output_dir=str(tmp_path), loss_type="hinge", report_to="none")
     with pytest.raises(ValueError, match="beta"):
         OnlineDPOConfig(output_dir=str(tmp_path), beta=0.0, report_to="none")
+
+
+def test_config_follows_trl_defaults_and_refuses_a_max_length_without_room_for_the_prompt(tmp_path):
+    args = OnlineDPOConfig(output_dir=str(tmp_path), report_to="none")
+    assert (args.temperature, args.max_length) == (0.9, 512)
+    assert OnlineDPOConfig(output_dir=str(tmp_path), max_length=None, max_new_tokens=600, report_to="none")
+    with pytest.raises(ValueError, match="raise max_length, lower max_completion_length"):
+        OnlineDPOConfig(output_dir=str(tmp_path), max_length=64, max_new_tokens=64, report_to="none")

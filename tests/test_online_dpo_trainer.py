@@ -1,6 +1,8 @@
 """OnlineDPOTrainer: the reward of its own completions rises with a colocated engine and with a server."""
 
 import pytest
+import torch
+import torch.nn.functional as F
 from datasets import Dataset
 
 from flywheel import OnlineDPOConfig, OnlineDPOTrainer
@@ -64,18 +66,60 @@ class FirstIsBetter(PairwiseJudge):
         return [0] * len(prompts)
 
 
-def test_a_pairwise_judge_ranks_conversational_pairs(tiny_checkpoints, tmp_path):
+def test_a_pairwise_judge_reads_conversations_as_trl_renders_them(tiny_checkpoints, tmp_path):
     judge = FirstIsBetter()
-    prompts = [[{"role": "user", "content": f"hi {i}"}] for i in range(4)]
+    prompts = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"hi {i}"},
+                {"role": "assistant", "content": "Sure:"}] for i in range(4)]
     args = dpo_args(tmp_path, per_device_train_batch_size=2, max_steps=2, loss_type="ipo")
     trainer = OnlineDPOTrainer(model=tiny_checkpoints["qwen2"], judge=judge, args=args,
                                train_dataset=Dataset.from_dict({"prompt": prompts}))
     trainer.train()
     assert len(judge.calls) == 2
-    call_prompts, pairs = judge.calls[0]
-    assert len(call_prompts) == 2 and call_prompts[0][0]["role"] == "user"
-    assert all(len(pair) == 2 and pair[0][0]["role"] == "assistant" for pair in pairs)
+    rendered_prompts = {f"System: Be brief.\n\nUser: hi {i}\n\n" for i in range(4)}
+    for call_prompts, pairs in judge.calls:
+        assert len(call_prompts) == 2 and set(call_prompts) <= rendered_prompts
+        # The final assistant message begins the completion the judge reads.
+        assert all(len(pair) == 2 and all(completion.startswith("Assistant: Sure:") and completion.endswith("\n\n")
+                                          for completion in pair) for pair in pairs)
     assert "objective/scores" not in trainer.state.log_history[-2]  # a judge gives ranks, not scores
+
+
+def summed_logps_by_hand(model, token_ids, completion_length, temperature):
+    """Σ log p of the last `completion_length` tokens of one unpadded sequence, from a plain forward."""
+    logits = model(input_ids=torch.tensor([token_ids])).logits[0, -completion_length - 1 : -1].float()
+    logps = F.log_softmax(logits / temperature, dim=-1)
+    return logps.gather(-1, torch.tensor(token_ids[-completion_length:])[:, None]).sum()
+
+
+def test_max_length_scores_completions_after_the_last_prompt_tokens_that_fit(tiny_checkpoints, tmp_path):
+    prompts = ["Count to ten, slowly.", "Hi"]
+    max_length = 12
+    args = dpo_args(tmp_path, per_device_train_batch_size=2, max_new_tokens=4, max_length=max_length, beta=0.5)
+    trainer = OnlineDPOTrainer(model=tiny_checkpoints["qwen2"], ref_model=tiny_checkpoints["qwen2_b"],
+                               judge=FirstIsBetter(), args=args, train_dataset=Dataset.from_dict({"prompt": prompts}))
+    inputs = trainer._prepare_inputs([{"prompt": prompt} for prompt in prompts])
+    loss = trainer.compute_loss(trainer.model, inputs)
+    trainer.rollout.close()
+
+    width = inputs["completion_ids"].size(1)
+    assert inputs["prompt_ids"].size(1) == max_length - width
+    sums = {"kept": {"policy": [], "ref": []}, "whole": {"policy": [], "ref": []}}
+    for row in range(4):  # the chosen (first) completions of both prompts, then the rejected ones
+        prompt_ids = trainer.processing_class(prompts[row % 2], add_special_tokens=False)["input_ids"]
+        completion = inputs["completion_ids"][row][inputs["completion_mask"][row].bool()].tolist()
+        for name, model in (("policy", trainer.model), ("ref", trainer.ref_model)):
+            with torch.no_grad():
+                for span, kept in (("kept", prompt_ids[-(max_length - width):]), ("whole", prompt_ids)):
+                    sums[span][name].append(summed_logps_by_hand(model, kept + completion, len(completion),
+                                                                 args.temperature))
+
+    def dpo_loss_by_hand(span):
+        policy, ref = torch.stack(sums[span]["policy"]), torch.stack(sums[span]["ref"])
+        margins = (policy[:2] - policy[2:]) - (ref[:2] - ref[2:])
+        return -F.logsigmoid(args.beta * margins).mean()
+
+    assert loss.item() == pytest.approx(dpo_loss_by_hand("kept").item(), abs=1e-5)
+    assert abs(dpo_loss_by_hand("whole").item() - loss.item()) > 1e-3  # the cut prompt changes the loss
 
 
 def test_exactly_one_ranker_is_required(tiny_checkpoints, tmp_path):

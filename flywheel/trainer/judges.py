@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -10,7 +11,29 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from flywheel.trainer.prompts import is_conversational
 from flywheel.trainer.rewards import RewardFunc, RewardModelScorer, combine_rewards, compute_rewards, load_reward_funcs
+
+# TRL's template for showing a conversation to a judge, free of any model's special tokens.
+SIMPLE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize() + ': ' + message['content'] + '\n\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+@functools.cache
+def _simple_chat_template():
+    import jinja2  # comes with chat templates, which only conversational prompts need
+
+    return jinja2.Environment().from_string(SIMPLE_CHAT_TEMPLATE)
+
+
+def judge_text(prompt_or_completion: Any) -> Any:
+    """What a pairwise judge reads, as in TRL: a conversation (prompt, or a completion's assistant message)
+    rendered as 'Role: content' paragraphs; plain text as it is."""
+    if is_conversational(prompt_or_completion):
+        return _simple_chat_template().render(messages=prompt_or_completion)
+    return prompt_or_completion
 
 
 class PairwiseJudge(ABC):
@@ -21,7 +44,8 @@ class PairwiseJudge(ABC):
               shuffle_order: bool = True) -> list[int]:
         """For each prompt and its pair of completions, the index (0 or 1) of the better one; -1 if undecided.
 
-        `shuffle_order` asks a judge that could favour a position (an LLM) to see each pair in random order.
+        `OnlineDPOTrainer` hands over text: conversations rendered by `judge_text`, as TRL does. `shuffle_order`
+        asks a judge that could favour a position (an LLM) to see each pair in random order.
         """
 
 

@@ -25,6 +25,23 @@ class OnlineDPOConfig(RolloutTrainingArguments):
             "that both score a completion the same way in every forward."
         },
     )
+    max_length: int | None = field(
+        default=512,
+        metadata={
+            "help": "Maximum total length of the sequence (prompt + completion) used to compute log probabilities. "
+            "If the sequence exceeds this limit, the leftmost tokens will be truncated. Generation still sees the "
+            "whole prompt (up to max_prompt_length, 512 by default): with the defaults, a prompt of more than 448 "
+            "tokens beside 64-token completions is scored on its last tokens only. Must exceed max_completion_length; "
+            "None: no limit."
+        },
+    )
+    temperature: float = field(
+        default=0.9,
+        metadata={
+            "help": "Temperature for sampling. The higher the temperature, the more random the completions. The "
+            "log probabilities use the same temperature."
+        },
+    )
     max_new_tokens: int | None = field(
         default=None,
         metadata={"help": "TRL's name for max_completion_length; when set, it wins."},
@@ -72,6 +89,12 @@ class OnlineDPOConfig(RolloutTrainingArguments):
             raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ValueError(f"missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
+        if self.max_length is not None and self.max_length <= self.max_completion_length:
+            raise ValueError(
+                f"max_length ({self.max_length}) must exceed max_completion_length ({self.max_completion_length}) "
+                "to leave room for the prompt: raise max_length, lower max_completion_length (max_new_tokens), or "
+                "set max_length to None"
+            )
 
     def beta_at(self, epoch: float) -> float:
         """β for the given (fractional) epoch."""

@@ -8,12 +8,22 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from flywheel.trainer.judges import PairwiseJudge, RewardFunctionJudge
+from flywheel.trainer.judges import PairwiseJudge, RewardFunctionJudge, judge_text
 from flywheel.trainer.logprobs import completion_logps
 from flywheel.trainer.losses import dpo_loss
 from flywheel.trainer.online_dpo_config import OnlineDPOConfig
 from flywheel.trainer.online_trainer import Generated, OnlineTrainer, reference_model
 from flywheel.trainer.rewards import RewardFunc, RewardModelScorer
+
+
+def fit_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_width: int,
+                max_length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The left-padded prompts [B, P] cut to their last columns, so that with completions `completion_width`
+    wide the sequence is at most `max_length` long (each prompt keeps its last tokens); None: as they are."""
+    if max_length is None:
+        return prompt_ids, prompt_mask
+    dropped = max(prompt_ids.size(1) + completion_width - max_length, 0)
+    return prompt_ids[:, dropped:], prompt_mask[:, dropped:]
 
 
 class OnlineDPOTrainer(OnlineTrainer):
@@ -77,9 +87,11 @@ class OnlineDPOTrainer(OnlineTrainer):
         chosen = pair + (~first_is_better).long()
         rejected = pair + first_is_better.long()
         order = torch.cat([chosen, rejected])  # rows: all chosen completions, then all rejected ones
+        prompt_ids, prompt_mask = fit_prompts(generated.prompt_ids, generated.prompt_mask,
+                                              generated.completion_ids_padded.size(1), self.args.max_length)
         batch = {
-            "prompt_ids": generated.prompt_ids[order],
-            "prompt_mask": generated.prompt_mask[order],
+            "prompt_ids": prompt_ids[order],
+            "prompt_mask": prompt_mask[order],
             "completion_ids": generated.completion_ids_padded[order],
             "completion_mask": generated.completion_mask[order],
             "contains_eos": (~generated.truncated)[order],
@@ -106,8 +118,9 @@ class OnlineDPOTrainer(OnlineTrainer):
                 scores = scores - self.args.missing_eos_penalty * generated.truncated.float()
             pairs = scores.view(-1, 2)
             return pairs[:, 0] >= pairs[:, 1], scores
-        pairs = [generated.completions[i : i + 2] for i in range(0, len(generated.completions), 2)]
-        verdicts = self.judge.judge(generated.prompts[::2], pairs)
+        completions = [judge_text(completion) for completion in generated.completions]
+        pairs = [completions[i : i + 2] for i in range(0, len(completions), 2)]
+        verdicts = self.judge.judge([judge_text(prompt) for prompt in generated.prompts[::2]], pairs)
         # The first completion is chosen only when the judge prefers it (an undecided -1 chooses the second, as TRL)
         return torch.tensor([verdict == 0 for verdict in verdicts], device=device), None
 
