@@ -10,14 +10,17 @@ from the list of `{name, dtype, shape}` the client announced over HTTP.
 
 The client counts up a key of the rendezvous store every `HEARTBEAT_INTERVAL_S` while its group is
 open, so that the server can tell a client that died without closing the group (its count stands
-still) from a live one, and let the next client in.
+still for `CLIENT_SILENCE_S`) from a live one, and let the next client in.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import socket
 import threading
+import time
+import uuid
 import weakref
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,6 +38,8 @@ DEFAULT_BUCKET_BYTES = 256 * 2**20
 # Offsets inside a bucket are aligned so that every slice can be viewed as its dtype.
 _ALIGN = 16
 HEARTBEAT_INTERVAL_S = 0.5
+# The server takes a client whose heartbeat count stood still this long to be gone.
+CLIENT_SILENCE_S = 4 * HEARTBEAT_INTERVAL_S
 _HEARTBEAT_KEY = "flywheel_client_heartbeats"
 
 
@@ -181,18 +186,35 @@ class WeightSyncGroup:
 
     def start_heartbeat(self, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
         """Count up the store's heartbeat key every `interval_s` from a daemon thread until `close()`, or
-        until this object is dropped without it (its owner was dropped: the server may then let another in)."""
-        owner, store, stopped = weakref.ref(self), self.store, threading.Event()
+        until this object is dropped without it (its owner was dropped: the server may then let another in).
 
-        def beat() -> None:
+        A failed count is retried at the next interval over a fresh connection (a store client does not
+        reconnect by itself). The beats end early only once the store at that address is another group's:
+        the server closed this one, and this client's next update will fail."""
+        owner, stopped = weakref.ref(self), threading.Event()
+        address, timeout = (self.store.host, self.store.port), self.store.timeout
+        # Marks this group's store, so that a fresh connection can tell it from a later group's at that address.
+        group_key = f"flywheel_group_{uuid.uuid4().hex}"
+        self.store.set(group_key, "")
+
+        def beat(store: dist.TCPStore | None) -> None:
+            failures = _HeartbeatFailures(interval_s)
             while not stopped.wait(interval_s) and owner() is not None:
                 try:
+                    if store is None:
+                        store = _store_client(address, timeout, interval_s)
+                        if not store.check([group_key]):
+                            logger.warning("weight sync: the server closed this client's group and hosts another "
+                                           "one; heartbeats stop, and updates fail until a new init_communicator")
+                            return
                     store.add(_HEARTBEAT_KEY, 1)
-                except Exception:  # the server closed the group or went away: nobody is listening
-                    logger.debug("weight sync: heartbeat stopped", exc_info=True)
-                    return
+                except Exception as error:
+                    store = None
+                    failures.record(error)
+                else:
+                    failures.clear()
 
-        thread = threading.Thread(target=beat, name="weight-sync-heartbeat", daemon=True)
+        thread = threading.Thread(target=beat, args=(self.store,), name="weight-sync-heartbeat", daemon=True)
         thread.start()
         self._heartbeat = (thread, stopped)
 
@@ -213,6 +235,40 @@ class WeightSyncGroup:
             except Exception:  # a peer already gone; nothing left to release
                 logger.debug("weight sync: group shutdown raised", exc_info=True)
         self.store = None
+
+
+class _HeartbeatFailures:
+    """A run of failed heartbeats, logged: its first failure at debug level, a warning once it outlasts what
+    the server takes for a dead client, and its end after such a warning."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.since: float | None = None
+        self.warned = False
+
+    def record(self, error: Exception) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            logger.debug("weight sync: a heartbeat failed; retrying every %.2fs", self.interval_s, exc_info=error)
+        elif not self.warned and now - self.since > CLIENT_SILENCE_S:
+            self.warned = True
+            logger.warning("weight sync: heartbeats have failed for %.1fs (%s); the server takes a client silent "
+                           "for %.0fs to be gone and may close its group; retrying every %.2fs",
+                           now - self.since, error, CLIENT_SILENCE_S, self.interval_s)
+
+    def clear(self) -> None:
+        if self.warned:
+            logger.info("weight sync: heartbeats resumed after %.1fs", time.monotonic() - self.since)
+        self.since, self.warned = None, False
+
+
+def _store_client(address: tuple[str, int], timeout: timedelta, connect_timeout_s: float) -> dist.TCPStore:
+    """A fresh client connection to the store at `address`."""
+    # A plain connection first: where nothing listens it fails at once and quietly, where the store's
+    # client would retry for a second and log every attempt as an error.
+    socket.create_connection(address, timeout=connect_timeout_s).close()
+    return dist.TCPStore(*address, is_master=False, timeout=timeout, wait_for_workers=False)
 
 
 def _broadcast_options(root: int) -> dist.BroadcastOptions:

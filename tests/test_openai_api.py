@@ -1,18 +1,24 @@
-"""The OpenAI-compatible endpoints as OpenAI's clients see them: top logprobs, the error body, defaults
-and nulls, text parts, the model endpoints."""
+"""The OpenAI-compatible endpoints as OpenAI's clients see them: top logprobs (a masked token's as -9999.0),
+the error body, defaults and nulls, text parts, the model endpoints."""
 
 from __future__ import annotations
+
+import json
+import math
+from typing import Any
 
 import httpx
 import pytest
 
 from flywheel import LLM, SamplingParams
 from flywheel.server.launch import launch_server
+from flywheel.server.openai_api import finite_logprobs
 
 openai = pytest.importorskip("openai")
 
 MODEL = "qwen2"  # the served folder's name stands for it
 MAX_MODEL_LEN = 1024  # the tiny model's
+VOCAB_SIZE = 272  # the tiny model's
 MAX_TOKENS_LIMIT = 100
 HI = [{"role": "user", "content": "hi"}]
 GREEDY = dict(temperature=0.0, max_tokens=6)
@@ -88,6 +94,67 @@ def test_streamed_text_offsets_continue_from_chunk_to_chunk(api):
     assert len(chunks) > 1
     assert [offset for chunk in chunks for offset in chunk.text_offset] == whole.text_offset
     assert [top for chunk in chunks for top in chunk.top_logprobs] == whole.top_logprobs
+
+
+# Until min_tokens, every stop token is masked out (its logprob is -inf): here all tokens but "a" and "b".
+ALL_BUT_A_AND_B = [token_id for token_id in range(VOCAB_SIZE) if token_id not in (ord("a"), ord("b"))]
+MASKED = dict(temperature=0.0, max_tokens=3, min_tokens=3, stop_token_ids=ALL_BUT_A_AND_B)
+MASKED_REQUESTS = [
+    ("/v1/completions", {"prompt": "hi", "logprobs": 5, **MASKED}),
+    ("/v1/chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": 5, **MASKED}),
+]
+
+
+def strict_json(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def choice_logprobs(choice: dict) -> tuple[list[float], list[float]]:
+    """The sampled tokens' logprobs and their alternatives', from a completion or chat choice."""
+    logprobs = choice["logprobs"]
+    if "content" in logprobs:
+        entries = logprobs["content"]
+        return [e["logprob"] for e in entries], [top["logprob"] for e in entries for top in e["top_logprobs"]]
+    return logprobs["token_logprobs"], [value for top in logprobs["top_logprobs"] for value in top.values()]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("path,payload", MASKED_REQUESTS, ids=[path for path, _ in MASKED_REQUESTS])
+def test_masked_tokens_logprob_goes_out_as_minus_9999_in_strict_json(http, path, payload, stream):
+    response = http.post(path, json={**payload, "stream": stream})
+
+    assert response.status_code == 200, response.text
+    if stream:
+        events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+        choices = [choice for event in events[:-1] for choice in strict_json(event)["choices"] if choice["logprobs"]]
+    else:
+        choices = strict_json(response.text)["choices"]
+    per_choice = [choice_logprobs(choice) for choice in choices]
+    sampled = [logprob for chosen, _ in per_choice for logprob in chosen]
+    alternatives = [logprob for _, others in per_choice for logprob in others]
+    assert len(sampled) == 3 and all(-9999.0 < logprob <= 0.0 for logprob in sampled)  # "a" or "b"
+    assert -9999.0 in alternatives and all(math.isfinite(logprob) for logprob in alternatives)
+
+
+def test_generate_sends_a_masked_tokens_logprob_as_minus_9999(http):
+    masked = {key: MASKED[key] for key in ("min_tokens", "stop_token_ids")}
+    response = http.post("/generate", json={"prompts": ["hi"], "logprobs": 5, "temperature": 0.0, "max_tokens": 3,
+                                            "generation_kwargs": masked})
+
+    assert response.status_code == 200, response.text
+    rows = strict_json(response.text)["logprobs"][0]
+    assert len(rows) == 3
+    assert all(-9999.0 < row[0] <= 0.0 and row[1:].count(-9999.0) == 3 for row in rows)  # "a" or "b", then the rest
+
+
+def test_finite_logprobs_replace_only_what_json_cannot_carry():
+    finite = [[-0.25, -3.5], [-12000.0]]
+
+    assert finite_logprobs(finite) is finite
+    assert finite_logprobs([[-0.25, float("-inf")], [float("nan")]]) == [[-0.25, -9999.0], [-9999.0]]
 
 
 BAD_REQUESTS = [

@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import torch.distributed as dist
+
 from flywheel import weight_sync
 from flywheel.server.launch import free_port
 from flywheel.weight_sync import (
@@ -168,6 +170,98 @@ def test_the_heartbeat_stops_when_the_client_group_is_dropped_without_closing():
         assert weight_sync.rpc_client_heartbeats(runner) == after_drop
     finally:
         weight_sync.rpc_close(runner)
+
+
+class StoreRelay:
+    """A TCP relay to a local port, whose `cut()` ends every connection relayed so far as a network failure would."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.clients: list[socket.socket] = []
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # the relay was closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.clients.append(client)
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_forward, args=(source, sink), daemon=True).start()
+
+    def cut(self) -> None:
+        for client in self.clients:
+            client.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            _shut(sock)
+            sock.close()
+
+
+def _forward(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    _shut(sink)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already shut or never connected
+        pass
+
+
+def test_the_heartbeat_goes_on_over_a_new_connection_when_the_store_connection_is_cut():
+    port = free_port()
+    runner = SimpleNamespace(tp_rank=0, device="cpu", model=RecordingModel())
+    weight_sync.rpc_start_join(runner, "127.0.0.1", port, 2, 0, "gloo", 30.0)
+    relay = StoreRelay(port)
+    client = WeightSyncGroup("127.0.0.1", relay.port, 1, 2, "gloo", torch.device("cpu"), 30.0)
+    weight_sync.rpc_finish_join(runner, 30.0)
+    try:
+        client.start_heartbeat(interval_s=0.02)
+        time.sleep(0.1)
+        connections_before_cut = len(relay.clients)
+        relay.cut()
+        time.sleep(0.1)
+        after_cut = weight_sync.rpc_client_heartbeats(runner)
+        time.sleep(0.2)
+        later = weight_sync.rpc_client_heartbeats(runner)
+    finally:
+        client.close()
+        weight_sync.rpc_close(runner)
+        relay.close()
+
+    assert len(relay.clients) > connections_before_cut  # the heartbeat connected anew
+    assert later > after_cut
+
+
+def test_the_heartbeat_never_counts_for_the_group_that_took_its_place():
+    port = free_port()
+    runner = SimpleNamespace(tp_rank=0, device="cpu", model=RecordingModel())
+    weight_sync.rpc_start_join(runner, "127.0.0.1", port, 2, 0, "gloo", 30.0)
+    client = WeightSyncGroup("127.0.0.1", port, 1, 2, "gloo", torch.device("cpu"), 30.0)
+    weight_sync.rpc_finish_join(runner, 30.0)
+    client.start_heartbeat(interval_s=0.02)
+    time.sleep(0.1)
+    weight_sync.rpc_close(runner)  # the server closes the group while its client lives
+    time.sleep(0.1)
+    next_store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    try:
+        time.sleep(0.3)
+        assert not next_store.check([weight_sync._HEARTBEAT_KEY])
+    finally:
+        client.close()
 
 
 def test_joining_a_rendezvous_nobody_hosts_times_out_with_advice():

@@ -22,6 +22,7 @@ from flywheel.server.body_limit import BodyLimit
 from flywheel.server.openai_api import (
     OPENAI_PREFIX,
     add_openai_routes,
+    finite_logprobs,
     named_field,
     openai_error,
     openai_validation_error,
@@ -40,8 +41,8 @@ from flywheel.server.protocol import (
 )
 from flywheel.server.workers import EngineRejected, WorkerDied, WorkerPool
 from flywheel.weight_sync import (
+    CLIENT_SILENCE_S,
     DEFAULT_BUCKET_BYTES,
-    HEARTBEAT_INTERVAL_S,
     ParamSpec,
     plan_buckets,
     validate_specs,
@@ -55,8 +56,6 @@ _DISCONNECT_POLL_S = 0.25
 MIN_TEMPERATURE = 1e-3
 DEFAULT_MAX_TOKENS = 16
 MAX_LOGPROBS = 20
-# A live client beats every HEARTBEAT_INTERVAL_S; this long without one means it is gone.
-CLIENT_SILENCE_S = 4 * HEARTBEAT_INTERVAL_S
 
 
 class ClientGone(Exception):
@@ -204,7 +203,7 @@ def generate_response(outputs: list[dict[str, Any]], with_logprobs: bool) -> Gen
     return GenerateResponse(
         prompt_ids=[output["prompt_token_ids"] for output in outputs],
         completion_ids=[c["token_ids"] for c in completions],
-        logprobs=[c["logprobs"] for c in completions] if with_logprobs else None,
+        logprobs=[finite_logprobs(c["logprobs"]) for c in completions] if with_logprobs else None,
         logprob_token_ids=[c["logprob_token_ids"] for c in completions] if with_logprobs else None,
         finish_reasons=[c["finish_reason"] for c in completions],
     )

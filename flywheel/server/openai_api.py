@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -31,6 +32,8 @@ from flywheel.server.protocol import ChatMessage
 logger = logging.getLogger(__name__)
 
 OPENAI_PREFIX = "/v1/"
+# JSON has no infinities: a masked-out token's logprob goes out as vLLM's OpenAI server sends it.
+MASKED_LOGPROB = -9999.0
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 504: "timeout_error"}
 # This server's error messages start with the request field they are about: `max_tokens: 30 is too many ...`.
 _NAMED_FIELD = re.compile(r"([A-Za-z_]\w*)[\w.\[\]]*: ")
@@ -302,7 +305,7 @@ async def stream_response(state, request: Request, prompt_ids: list[list[int]], 
         return {"index": index, **({"delta": {}} if chat else {"text": ""}), "logprobs": None, "finish_reason": reason}
 
     def event(payload: dict[str, Any]) -> str:
-        return f"data: {json.dumps(payload)}\n\n"
+        return f"data: {json.dumps(payload, allow_nan=False)}\n\n"
 
     async def events() -> AsyncIterator[str]:
         started: set[int] = set()
@@ -340,18 +343,32 @@ async def stream_response(state, request: Request, prompt_ids: list[list[int]], 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+def finite_logprobs(rows: list[list[float]]) -> list[list[float]]:
+    """Logprob rows as strict JSON can carry them: -inf (a token masked out, by min_tokens for one) and
+    NaN become `MASKED_LOGPROB`; finite values stay as they are."""
+    if math.isfinite(sum(map(sum, rows))):  # the usual case, checked without a Python loop over the values
+        return rows
+    return [[value if math.isfinite(value) else MASKED_LOGPROB for value in row] for row in rows]
+
+
+def _logprob_rows(completion: dict[str, Any]) -> list[tuple[list[int], list[float]]]:
+    """Per token, its logprob row's token ids and logprobs (the sampled token first), JSON-safe."""
+    return list(zip(completion["logprob_token_ids"] or [], finite_logprobs(completion["logprobs"] or [])))
+
+
 def _completion_logprobs(tokenizer, completion: dict[str, Any], text_offset: int = 0) -> tuple[dict[str, Any], int]:
     """The legacy `logprobs` object, whose `top_logprobs` hold the top-k and the sampled token (up to k + 1,
     as OpenAI's), and the text offset after its last token."""
     tokens = [tokenizer.decode([t]) for t in completion["token_ids"]]
     offsets = list(accumulate(map(len, tokens), initial=text_offset))
+    rows = _logprob_rows(completion)
     top_logprobs = []
-    for values, ids in zip(completion["logprobs"] or [], completion["logprob_token_ids"] or []):
+    for ids, values in rows:
         alternatives: dict[str, float] = {}
         for token_id, logprob in _most_likely_first(ids, values):
             alternatives.setdefault(tokenizer.decode([token_id]), logprob)  # tokens that decode alike: the likeliest
         top_logprobs.append(alternatives)
-    logprobs = {"tokens": tokens, "token_logprobs": [values[0] for values in completion["logprobs"] or []],
+    logprobs = {"tokens": tokens, "token_logprobs": [values[0] for _, values in rows],
                 "top_logprobs": top_logprobs, "text_offset": offsets[:-1]}
     return logprobs, offsets[-1]
 
@@ -364,7 +381,7 @@ def _chat_logprobs(tokenizer, completion: dict[str, Any], num_top: int) -> list[
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     content = []
-    for values, ids in zip(completion["logprobs"] or [], completion["logprob_token_ids"] or []):
+    for ids, values in _logprob_rows(completion):
         top = [entry(*pair) for pair in _most_likely_first(ids, values)[:num_top]]
         content.append({**entry(ids[0], values[0]), "top_logprobs": top})
     return content
