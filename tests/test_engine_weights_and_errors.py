@@ -116,6 +116,9 @@ def test_bad_prompts_raise(llm):
         llm.generate([], GREEDY)
     with pytest.raises(ValueError, match=r"n \(1000\) must be <= max_num_seqs"):
         llm.generate([[1, 2]], SamplingParams(n=1000))
+    every_token = list(range(llm.engine.hf_config.vocab_size))
+    with pytest.raises(ValueError, match="min_tokens: the stop tokens .* are every token"):
+        llm.generate([[1, 2]], SamplingParams(min_tokens=2, stop_token_ids=every_token))
     # The engine still serves after refusing.
     assert llm.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids
 

@@ -150,6 +150,16 @@ def test_generate_sends_a_masked_tokens_logprob_as_minus_9999(http):
     assert all(-9999.0 < row[0] <= 0.0 and row[1:].count(-9999.0) == 3 for row in rows)  # "a" or "b", then the rest
 
 
+def test_min_tokens_with_every_token_a_stop_token_gets_400(http):
+    every_token = list(range(VOCAB_SIZE))
+    response = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "min_tokens": 3,
+                                                  "stop_token_ids": every_token})
+
+    assert response.status_code == 400, response.text
+    assert "min_tokens" in response.json()["error"]["message"]
+    assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
 def test_finite_logprobs_replace_only_what_json_cannot_carry():
     finite = [[-0.25, -3.5], [-12000.0]]
 

@@ -143,6 +143,10 @@ class LLMEngine:
             raise ValueError(f"n ({params.n}) must be <= max_num_seqs ({self.config.max_num_seqs})")
         request = _Request(request_id, prompt, list(prompt_token_ids), stream)
         stop_ids = self._stop_token_ids(params)
+        vocab = self.hf_config.vocab_size
+        if params.min_tokens and len({t for t in stop_ids if 0 <= t < vocab}) == vocab:
+            raise ValueError("min_tokens: the stop tokens (stop_token_ids, and EOS unless ignore_eos) are every token "
+                             "of the vocabulary, so none can be generated before min_tokens; stop on fewer tokens")
         length_limit = min(len(prompt_token_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
         for index in range(params.n):
             seq = Sequence(request_id, index, prompt_token_ids, params, self._completion_seed(params, index))
