@@ -108,7 +108,7 @@ def device_summary(prof: profile) -> list[str]:
         lines += _largest(inside)
     outside = [k for k in kernels if not any(start <= k.time_range.start < end for _, start, end in spans)]
     lines.append("outside the timed phases (training):")
-    lines += _largest(outside)
+    lines += _largest(outside, count=40)
     ranges = [e for e in prof.events() if e.device_type != cuda and e.name.startswith(RANGE_PREFIX)]
     return lines + idle_attribution(_idle_stretches(spans_all), ranges)
 
