@@ -123,6 +123,30 @@ def test_bad_prompts_raise(llm):
     assert llm.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids
 
 
+CUSTOM_CONFIG = """from transformers import Qwen2Config
+
+
+class MarkedQwen2Config(Qwen2Config):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.defined_by_the_checkpoint = True
+"""
+
+
+def test_trust_remote_code_lets_the_checkpoint_define_its_configuration(tiny_checkpoints, tmp_path):
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_checkpoints["qwen2"], folder)
+    (folder / "configuration_marked.py").write_text(CUSTOM_CONFIG)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_marked.MarkedQwen2Config"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    assert not hasattr(LLM(str(folder), dtype="float32").engine.hf_config, "defined_by_the_checkpoint")
+    trusted = LLM(str(folder), dtype="float32", trust_remote_code=True)
+    assert trusted.engine.hf_config.defined_by_the_checkpoint
+    assert trusted.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids
+
+
 def test_unknown_architecture_raises(tiny_checkpoints, tmp_path):
     folder = tmp_path / "gpt"
     shutil.copytree(tiny_checkpoints["qwen2"], folder)

@@ -27,6 +27,13 @@ def test_defaults_listen_on_localhost_and_take_the_api_key_from_the_environment(
     assert parse_options(["--model", "m", "--api-key", "flag"]).api_key == "flag"
 
 
+def test_trl_launch_options_parse():
+    options = parse_options(["--model", "m", "--trust-remote-code", "--kv_cache_dtype", "auto",
+                             "--vllm-model-impl", "vllm"])
+
+    assert options.trust_remote_code and options.kv_cache_dtype == "auto" and options.vllm_model_impl == "vllm"
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tensor-parallel-size", "0"], "tensor_parallel_size must be >= 1, got 0"),
     (["--gpu_memory_utilization", "1.5"], "gpu_memory_utilization must be in (0, 1], got 1.5"),
@@ -34,6 +41,8 @@ def test_defaults_listen_on_localhost_and_take_the_api_key_from_the_environment(
     (["--log-level", "loud"], "log_level must be one of"),
     (["--port", "70000"], "port must be in 0..65535, got 70000"),
     (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["--kv-cache-dtype", "fp8"], "kv_cache_dtype must be auto (the cache holds the weights' dtype), got 'fp8'"),
+    (["--vllm_model_impl", "transformers"], "vllm_model_impl must be vllm or auto"),
 ])
 def test_bad_options_are_usage_errors_that_say_what_to_fix(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -20,6 +20,11 @@ class EngineConfig:
     revision: str | None = field(
         default=None, metadata={"help": "Revision (branch, tag or commit) of a hub id; a folder is read as it is."}
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Let the checkpoint's own code define its tokenizer and configuration (the model itself is "
+                          "always one of the engine's architectures)."},
+    )
     dtype: str = field(
         default="auto",
         metadata={"help": "float32, bfloat16, float16, or auto (float32 on CPU, the checkpoint's dtype or bfloat16 on GPU)."},

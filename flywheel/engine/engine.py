@@ -66,7 +66,8 @@ class LLMEngine:
         self.ranks = RankGroup(config)
         self.runner = self.ranks.runner
         self.hf_config = self.runner.hf_config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model, revision=config.revision)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model, revision=config.revision,
+                                                       trust_remote_code=config.trust_remote_code)
         self.max_model_len = self._max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(8192, self.max_model_len)
         if self.max_num_batched_tokens < self.max_model_len:

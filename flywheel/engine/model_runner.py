@@ -64,7 +64,7 @@ def memory_outside_torch(device: torch.device) -> int:
 
 
 def load_hf_config(config: EngineConfig):
-    return AutoConfig.from_pretrained(config.model, revision=config.revision)
+    return AutoConfig.from_pretrained(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
 
 
 class ModelRunner:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -64,6 +64,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
 
 def hf_parameter_shapes(config) -> dict[str, tuple[int, ...]]:
     """The full shape of every tensor of the Hugging Face model with this config."""
+    if type(config) is not CONFIG_MAPPING[config.model_type]:
+        # A checkpoint's own configuration class (remote code) has no model class registered for it.
+        config = CONFIG_MAPPING[config.model_type].from_dict(config.to_dict())
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(config)
     return {name: tuple(tensor.shape) for name, tensor in reference.state_dict().items()}

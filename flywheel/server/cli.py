@@ -41,8 +41,9 @@ def serve(options: ServerOptions) -> int:
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     pool = WorkerPool(options)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(options.model, revision=options.revision)
-        config = AutoConfig.from_pretrained(options.model, revision=options.revision)
+        from_checkpoint = dict(revision=options.revision, trust_remote_code=options.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(options.model, **from_checkpoint)
+        config = AutoConfig.from_pretrained(options.model, **from_checkpoint)
         vocab_size = config.get_text_config().vocab_size
         try:
             pool.start()

@@ -94,7 +94,8 @@ def _load_engine(options: ServerOptions, dp_rank: int):
     # Each data-parallel engine draws its own random numbers: with one seed, a prompt sent to two
     # engines would get the same completion from both.
     return LLM(
-        options.model, revision=options.revision, dtype=options.dtype, max_model_len=options.max_model_len,
+        options.model, revision=options.revision, trust_remote_code=options.trust_remote_code, dtype=options.dtype,
+        max_model_len=options.max_model_len,
         enable_prefix_caching=options.enable_prefix_caching, enforce_eager=options.enforce_eager,
         gpu_memory_utilization=options.gpu_memory_utilization, kv_cache_memory_gb=options.kv_cache_memory_gb,
         max_num_seqs=options.max_num_seqs, tensor_parallel_size=options.tensor_parallel_size,

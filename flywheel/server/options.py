@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+KV_CACHE_DTYPES = ("auto",)
+MODEL_IMPLS = ("auto", "vllm")
 DEFAULT_MAX_N = 256
 
 
@@ -32,6 +34,19 @@ class ServerOptions:
         default=0.9, metadata={"help": "Fraction of each GPU's memory the engine may use (weights + KV cache)."}
     )
     dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."})
+    kv_cache_dtype: str = field(
+        default="auto", metadata={"help": "KV-cache dtype: auto (the weights' dtype), the only one this engine has."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Let the checkpoint's own code define its tokenizer and configuration (the model itself is "
+                          "always one of the engine's architectures)."},
+    )
+    vllm_model_impl: str = field(
+        default="vllm",
+        metadata={"help": "Model implementation: vllm or auto, both the engine's own (Qwen2, Qwen3, Llama); "
+                          "transformers' modelling code is not run."},
+    )
     max_model_len: int | None = field(
         default=None, metadata={"help": "Longest prompt + completion in tokens (default: the model's limit)."}
     )
@@ -80,6 +95,10 @@ class ServerOptions:
              f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"),
              f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"),
+            (self.kv_cache_dtype in KV_CACHE_DTYPES,
+             f"kv_cache_dtype must be auto (the cache holds the weights' dtype), got {self.kv_cache_dtype!r}"),
+            (self.vllm_model_impl in MODEL_IMPLS,
+             f"vllm_model_impl must be vllm or auto (the engine's own models), got {self.vllm_model_impl!r}"),
             (self.log_level.lower() in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}"),
             (self.max_prompts_per_request >= 1,
              f"max_prompts_per_request must be >= 1, got {self.max_prompts_per_request}"),
