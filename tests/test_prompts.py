@@ -5,8 +5,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from flywheel.testing import SPECIAL_TOKENS, byte_tokenizer
-from flywheel.trainer.prompts import decode_completions, tokenize_prompts
+from flywheel.testing import CHAT_TEMPLATE, SPECIAL_TOKENS, byte_tokenizer
+from flywheel.trainer.prompts import decode_completions, prompt_text, tokenize_prompts
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,16 @@ def test_repeated_prompts_are_tokenized_once_with_the_same_ids(tokenizer):
     assert ids[3] == list(b"xy") and ids[8] == [ord("z")] * 16
     assert ids[6][-10:] == list(b"assistant\n")
     assert tokenize_prompts([], tokenizer, None) == []
+
+
+def test_chat_template_kwargs_reach_the_template_and_plain_prompts_stay_as_written():
+    thinking = byte_tokenizer()
+    thinking.chat_template = CHAT_TEMPLATE + "{% if enable_thinking %}{{ 'THINK' }}{% endif %}"
+    chat = [{"role": "user", "content": "hi"}]
+    [ids] = tokenize_prompts([chat], thinking, None, {"enable_thinking": True})
+    assert thinking.decode(ids).endswith("assistant\nTHINK")
+    assert prompt_text(chat, thinking, {"enable_thinking": False}) == prompt_text(chat, thinking)
+    assert prompt_text("plain", thinking, {"enable_thinking": True}) == "plain"
 
 
 def test_completions_decode_as_transformers_decodes_them(tokenizer):

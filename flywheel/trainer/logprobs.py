@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from types import MethodType
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from flywheel.trainer.prompt_packing import packed_completion_logits, packs_prompts
 
@@ -94,6 +96,26 @@ def token_logps_and_entropy(logits: torch.Tensor, token_ids: torch.Tensor, *, te
     rows = logits.reshape(-1, logits.size(-1)).contiguous()
     logps, entropy = _TokenLogps.apply(rows, token_ids.reshape(-1).contiguous(), temperature, with_entropy, passes)
     return logps.view(token_ids.shape), (entropy.view(token_ids.shape) if with_entropy else None)
+
+
+def float32_lm_head(model: PreTrainedModel) -> None:
+    """Make `model` compute its language-modeling head in float32: the head's weights cast to float32, and its
+    input on every call, outside autocast (which would take the projection back to half precision).
+
+    The head needs weights of its own: tied to the input embeddings, those would be cast with it.
+    """
+    head = model.get_output_embeddings()
+    if head.weight is model.get_input_embeddings().weight:
+        raise ValueError(f"cast_lm_head_to_fp32 needs a language-modeling head with weights of its own, but "
+                         f"{type(model).__name__} ties them to its input embeddings (tie_word_embeddings=True): "
+                         "set cast_lm_head_to_fp32=False or use a model with untied embeddings")
+    head.float()
+    head.forward = MethodType(_float32_projection, head)
+
+
+def _float32_projection(head: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        return nn.functional.linear(hidden_states.float(), head.weight, head.bias)
 
 
 def completion_logps(

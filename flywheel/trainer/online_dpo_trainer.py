@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from flywheel.trainer.judges import PairwiseJudge, RewardFunctionJudge, judge_text
 from flywheel.trainer.logprobs import completion_logps
 from flywheel.trainer.losses import dpo_loss
 from flywheel.trainer.online_dpo_config import OnlineDPOConfig
-from flywheel.trainer.online_trainer import Generated, OnlineTrainer, reference_model
+from flywheel.trainer.online_trainer import Generated, OnlineTrainer, load_policy, reference_model
 from flywheel.trainer.rewards import RewardFunc, RewardModelScorer
 
 
@@ -71,7 +71,7 @@ class OnlineDPOTrainer(OnlineTrainer):
                     func.model = self.prepare_frozen_model(func.model)
         self.judge = judge
         if isinstance(ref_model, str):
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **(args.model_init_kwargs or {"dtype": "auto"}))
+            ref_model = load_policy(ref_model, args.model_init_kwargs, args.trust_remote_code)
         if ref_model is None:
             ref_model = reference_model(self.model_path, self.model, args.model_init_kwargs)
         self.prepare_forward(ref_model)

@@ -31,6 +31,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from flywheel.trainer.batching import left_pad, right_pad
 from flywheel.trainer.exit_teardown import destroy_gloo_group_at_exit
 from flywheel.trainer.gc_freeze import FreezeAfterFirstStep
+from flywheel.trainer.logprobs import float32_lm_head
 from flywheel.trainer.metrics import MetricsLog
 from flywheel.trainer.prompt_packing import enable_packed_prompts
 from flywheel.trainer.prompts import decode_completions, reward_prompt, tokenize_prompts
@@ -63,12 +64,19 @@ def identity_collator(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def load_policy(model: str | PreTrainedModel, model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
-    """The trained model: loaded from a path (dtype 'auto' unless given), or used as given."""
+def from_pretrained_kwargs(model_init_kwargs: dict[str, Any] | None,
+                           trust_remote_code: bool = False) -> dict[str, Any]:
+    """The keyword arguments that load a model from a path: `model_init_kwargs`, with dtype 'auto' and
+    `trust_remote_code` where it does not set them."""
+    return {"dtype": "auto", "trust_remote_code": trust_remote_code, **(model_init_kwargs or {})}
+
+
+def load_policy(model: str | PreTrainedModel, model_init_kwargs: dict[str, Any] | None,
+                trust_remote_code: bool = False) -> PreTrainedModel:
+    """The trained model: loaded from a path (with `from_pretrained_kwargs`), or used as given."""
     if isinstance(model, str):
-        kwargs = dict(model_init_kwargs or {})
-        kwargs.setdefault("dtype", "auto")
-        return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(model, **from_pretrained_kwargs(model_init_kwargs,
+                                                                                   trust_remote_code))
     if model_init_kwargs:
         raise ValueError("model_init_kwargs applies only when model is a path; the model was given as an object")
     if not isinstance(model, PreTrainedModel):
@@ -105,12 +113,17 @@ def disable_dropout(model: nn.Module) -> None:
 def reference_model(model_path: str | None, policy: PreTrainedModel,
                     model_init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
     """A frozen copy of the initial policy (reloaded from its path, or deep-copied)."""
-    ref = load_policy(model_path, model_init_kwargs) if model_path is not None else copy.deepcopy(policy)
+    if model_path is None:
+        ref = copy.deepcopy(policy)
+    else:
+        # By the policy's own class: the same architecture, and the code a checkpoint may ship was trusted
+        # (trust_remote_code) when the policy was loaded.
+        ref = type(policy).from_pretrained(model_path, **from_pretrained_kwargs(model_init_kwargs))
     return ref.eval().requires_grad_(False)
 
 
-def load_tokenizer(model: PreTrainedModel) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(model.config._name_or_path)
+def load_tokenizer(model: PreTrainedModel, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model.config._name_or_path, trust_remote_code=trust_remote_code)
 
 
 class OnlineTrainer(Trainer):
@@ -127,9 +140,9 @@ class OnlineTrainer(Trainer):
         optimizers: tuple[Any, Any] = (None, None),
     ) -> None:
         self.model_path = model if isinstance(model, str) else None
-        model = load_policy(model, args.model_init_kwargs)
+        model = load_policy(model, args.model_init_kwargs, args.trust_remote_code)
         if processing_class is None:
-            processing_class = load_tokenizer(model)
+            processing_class = load_tokenizer(model, args.trust_remote_code)
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         super().__init__(model=model, args=args, data_collator=identity_collator, train_dataset=train_dataset,
@@ -149,11 +162,8 @@ class OnlineTrainer(Trainer):
         self.eos_token_ids = self._eos_token_ids()
         destroy_gloo_group_at_exit(self)  # registered before the rollout's own exit hooks, so it runs after them
         self.add_callback(FreezeAfterFirstStep())
-        max_model_len = None
-        if args.max_prompt_length is not None:
-            max_model_len = args.max_prompt_length + args.max_completion_length
         self.rollout = make_rollout(args, self.model, processing_class, self.accelerator, self.eos_token_ids,
-                                    self.model_path, max_model_len)
+                                    self.model_path)
 
     def _eos_token_ids(self) -> list[int]:
         ids = {self.processing_class.eos_token_id}
@@ -168,10 +178,12 @@ class OnlineTrainer(Trainer):
         return model
 
     def prepare_forward(self, model: PreTrainedModel) -> None:
-        """Dropout off if asked (`disable_dropout`); a batch's groups scored in packed forwards if asked
-        (`pack_prompts`)."""
+        """Dropout off if asked (`disable_dropout`); the head in float32 if asked (`cast_lm_head_to_fp32`); a
+        batch's groups scored in packed forwards if asked (`pack_prompts`)."""
         if self.args.disable_dropout:
             disable_dropout(model)
+        if self.args.cast_lm_head_to_fp32:
+            float32_lm_head(model)
         if self.args.pack_prompts:
             enable_packed_prompts(model)
 
@@ -182,7 +194,8 @@ class OnlineTrainer(Trainer):
         """Sync weights if they changed, then one completion per prompt entry, from this process's share."""
         device = self.accelerator.device
         prompts = list(prompts)
-        prompt_ids = tokenize_prompts(prompts, self.processing_class, self.args.max_prompt_length)
+        prompt_ids = tokenize_prompts(prompts, self.processing_class, self.args.max_prompt_length,
+                                      self.args.chat_template_kwargs)
         with self.metrics.timed(mode, "weight_sync"):
             self.rollout.sync_weights(self.accelerator.unwrap_model(self.model), self.state.global_step)
         with self.metrics.timed(mode, "generation"):

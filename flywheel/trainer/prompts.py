@@ -16,8 +16,10 @@ def is_conversational(prompt: Any) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
 
 
-def prompt_text(prompt: str | list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> str:
-    """The text the model sees: a plain prompt as is, a conversation through the chat template.
+def prompt_text(prompt: str | list[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
+                chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    """The text the model sees: a plain prompt as is, a conversation through the chat template (given
+    `chat_template_kwargs` besides the conversation, e.g. {"enable_thinking": False}).
 
     A conversation that ends with an assistant message is continued from it, as TRL does: that message
     is the start of the completion (`decode_completions` puts it back in front of the generated text).
@@ -25,7 +27,7 @@ def prompt_text(prompt: str | list[dict[str, str]], tokenizer: PreTrainedTokeniz
     if is_conversational(prompt):
         continues = _assistant_start(prompt) is not None
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=not continues,
-                                             continue_final_message=continues)
+                                             continue_final_message=continues, **(chat_template_kwargs or {}))
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string or a list of {{role, content}} messages, got {type(prompt)}")
     return prompt
@@ -43,14 +45,15 @@ def prompt_runs(prompts: Sequence[Prompt]) -> list[tuple[Prompt, int]]:
     return runs
 
 
-def tokenize_prompts(prompts: Sequence[Any], tokenizer: PreTrainedTokenizerBase,
-                     max_prompt_length: int | None) -> list[list[int]]:
-    """Token ids of each prompt, keeping the last `max_prompt_length` tokens of long ones.
+def tokenize_prompts(prompts: Sequence[Any], tokenizer: PreTrainedTokenizerBase, max_prompt_length: int | None,
+                     chat_template_kwargs: dict[str, Any] | None = None) -> list[list[int]]:
+    """Token ids of each prompt (rendered by `prompt_text`), keeping the last `max_prompt_length` tokens of long
+    ones.
 
     A prompt repeated in consecutive entries is tokenized once, and those entries share its list of ids.
     """
     runs = prompt_runs(prompts)
-    texts = [prompt_text(prompt, tokenizer) for prompt, _ in runs]
+    texts = [prompt_text(prompt, tokenizer, chat_template_kwargs) for prompt, _ in runs]
     # The chat template already carries any BOS token; plain prompts are taken as written (as TRL does).
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     if max_prompt_length is not None:

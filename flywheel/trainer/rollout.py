@@ -147,8 +147,7 @@ class ColocateRollout(Rollout):
     """
 
     def __init__(self, model: nn.Module, model_path: str | None, processing_class: PreTrainedTokenizerBase,
-                 args: RolloutTrainingArguments, settings: SamplingSettings, accelerator: Accelerator,
-                 max_model_len: int | None) -> None:
+                 args: RolloutTrainingArguments, settings: SamplingSettings, accelerator: Accelerator) -> None:
         super().__init__()
         from flywheel import LLM
 
@@ -160,7 +159,8 @@ class ColocateRollout(Rollout):
         model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else model_dtype
         self.llm = LLM(
-            model=model_path, dtype=dtype, device=str(accelerator.device), max_model_len=max_model_len,
+            model=model_path, trust_remote_code=args.trust_remote_code, dtype=dtype, device=str(accelerator.device),
+            max_model_len=_max_model_len(args),
             gpu_memory_utilization=args.vllm_gpu_memory_utilization, kv_cache_memory_gb=args.vllm_kv_cache_memory_gb,
             tensor_parallel_size=args.vllm_tensor_parallel_size, seed=args.seed + accelerator.process_index,
             max_num_seqs=max(256, args.completions_per_rollout),
@@ -276,6 +276,14 @@ class ServerRollout(Rollout):
             self.client.close_communicator()
 
 
+def _max_model_len(args: RolloutTrainingArguments) -> int | None:
+    """A colocated engine's context window: vllm_max_model_length, else the longest prompt and completion;
+    None (the model config's) when prompts have no limit."""
+    if args.vllm_max_model_length is not None or args.max_prompt_length is None:
+        return args.vllm_max_model_length
+    return args.max_prompt_length + args.max_completion_length
+
+
 def _checkpoint_path(model: nn.Module,
                      processing_class: PreTrainedTokenizerBase) -> tuple[str, tempfile.TemporaryDirectory | None]:
     """A directory the engine can load the model's architecture from (its own, or a saved copy).
@@ -294,8 +302,7 @@ def _checkpoint_path(model: nn.Module,
 
 
 def make_rollout(args: RolloutTrainingArguments, model: nn.Module, processing_class: PreTrainedTokenizerBase,
-                 accelerator: Accelerator, eos_token_ids: list[int], model_path: str | None,
-                 max_model_len: int | None) -> Rollout:
+                 accelerator: Accelerator, eos_token_ids: list[int], model_path: str | None) -> Rollout:
     """The placement `args` asks for: transformers generate, a colocated engine, or a server.
 
     `model` is the unwrapped trained model; `model_path` the checkpoint it was loaded from (None when it
@@ -306,5 +313,5 @@ def make_rollout(args: RolloutTrainingArguments, model: nn.Module, processing_cl
     if not args.use_vllm:
         return TransformersRollout(model, settings, processing_class.pad_token_id, eos_token_ids, accelerator.device)
     if args.vllm_mode == "colocate":
-        return ColocateRollout(model, model_path, processing_class, args, settings, accelerator, max_model_len)
+        return ColocateRollout(model, model_path, processing_class, args, settings, accelerator)
     return ServerRollout(args, settings, accelerator)

@@ -43,6 +43,23 @@ class RolloutTrainingArguments(TrainingArguments):
             "(e.g. {'dtype': 'bfloat16'}); dtype defaults to 'auto'."
         },
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a checkpoint loaded from a path (the model, its tokenizer, the reference model) run the "
+            "modeling code it ships; only for checkpoints whose code you trust. A 'trust_remote_code' in "
+            "model_init_kwargs takes precedence for the model. The engine runs only its own architectures."
+        },
+    )
+    cast_lm_head_to_fp32: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the language-modeling head of the trained and reference models in float32 (its "
+            "weights in float32, its input cast, outside autocast), so that the logprobs come from float32 logits, "
+            "as ScaleRL recommends. Needs a head of its own: models that tie it to the input embeddings are "
+            "refused. The engine's head stays in the engine's dtype."
+        },
+    )
     disable_dropout: bool = field(
         default=False,
         metadata={
@@ -87,6 +104,13 @@ class RolloutTrainingArguments(TrainingArguments):
     repetition_penalty: float = field(
         default=1.0,
         metadata={"help": "Penalty (> 0) for tokens already in the prompt or completion; 1.0 disables."},
+    )
+    chat_template_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Further keyword arguments for the chat template that renders conversational prompts, e.g. "
+            "{'enable_thinking': False} for Qwen3's template."
+        },
     )
     generation_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -138,6 +162,14 @@ class RolloutTrainingArguments(TrainingArguments):
         metadata={"help": "Colocate: KV-cache size in GiB; on a GPU it takes the place of "
                           "vllm_gpu_memory_utilization's share (default: 1 on the CPU, that share on a GPU)."},
     )
+    vllm_max_model_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Colocate: the engine's context window (max_model_len); at least the longest prompt plus "
+            "max_completion_length. Default: max_prompt_length + max_completion_length, or the model config's "
+            "when max_prompt_length is None."
+        },
+    )
     vllm_enable_sleep_mode: bool = field(
         default=False,
         metadata={"help": "Colocate: free the engine's KV cache while training and re-allocate it before generating."},
@@ -157,7 +189,7 @@ class RolloutTrainingArguments(TrainingArguments):
         # Reward functions need the extra columns; the Trainer's column pruning would drop them.
         self.remove_unused_columns = False
         # Dict fields arrive as JSON text from the command line.
-        for name in ("model_init_kwargs", "generation_kwargs"):
+        for name in ("model_init_kwargs", "chat_template_kwargs", "generation_kwargs"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, json.loads(getattr(self, name)))
         # TRL's configs write "disabled" as None for these two.
@@ -173,6 +205,7 @@ class RolloutTrainingArguments(TrainingArguments):
             raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1 or None, got {self.max_prompt_length}")
+        self._check_vllm_max_model_length()
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (the trainer divides logits by it), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -194,3 +227,16 @@ class RolloutTrainingArguments(TrainingArguments):
                 "vllm_tensor_parallel_size > 1 in colocate mode needs a single training process; "
                 f"got {self.world_size} processes. Use vllm_mode='server' for a tensor-parallel engine."
             )
+
+    def _check_vllm_max_model_length(self) -> None:
+        """The engine's context window must hold the longest prompt (one token when unlimited) and completion."""
+        if self.vllm_max_model_length is None:
+            return
+        prompt = 1 if self.max_prompt_length is None else self.max_prompt_length
+        longest = prompt + self.max_completion_length
+        if longest > self.vllm_max_model_length:
+            raise ValueError(
+                f"vllm_max_model_length={self.vllm_max_model_length} has no room for a {prompt}-token prompt "
+                f"(max_prompt_length={self.max_prompt_length}) and {self.max_completion_length} completion tokens "
+                f"(max_completion_length): raise it to {longest} or more, or lower max_prompt_length or "
+                "max_completion_length")
