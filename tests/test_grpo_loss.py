@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from flywheel.trainer.losses import grpo_loss, importance_sampling_weights, masked_extremes
-from flywheel.trainer.rewards import combine_rewards, compute_rewards, group_advantages
+from flywheel.trainer.losses import grpo_loss, importance_sampling_weights, masked_extremes, off_policy_sequence_mask
+from flywheel.trainer.rewards import (
+    combine_rewards,
+    compute_rewards,
+    decoupled_group_advantages,
+    group_advantages,
+    group_std,
+)
 
 # Three completions of up to four tokens; the third has only two real tokens.
 LOGPS = [[-1.0, -0.5, -2.0, -0.1], [-0.3, -1.2, -0.7, -0.9], [-2.5, -0.2, -1.0, -1.0]]
@@ -28,7 +34,7 @@ def hand_ratio(i: int, t: int, level: str, logps=LOGPS, old=OLD_LOGPS, mask=MASK
 
 def hand_token_losses(beta: float, with_is: bool, advantages=ADVANTAGES, logps=LOGPS, old=OLD_LOGPS, ref=REF_LOGPS,
                       weights=IS_WEIGHTS, level: str = "token", delta: float | None = None,
-                      kept=None) -> list[list[float]]:
+                      kept=None, kl_correction: bool = False) -> list[list[float]]:
     """Per-token loss, one token at a time, straight from the GRPO objective."""
     losses = []
     for i in range(len(logps)):
@@ -44,7 +50,7 @@ def hand_token_losses(beta: float, with_is: bool, advantages=ADVANTAGES, logps=L
                 loss *= kept[i][t]
             if beta:
                 r = ref[i][t] - logps[i][t]
-                loss += beta * (math.exp(r) - r - 1)
+                loss += beta * (math.exp(r) - r - 1) * (ratio if kl_correction else 1.0)
             row.append(loss)
         losses.append(row)
     return losses
@@ -181,21 +187,105 @@ def test_entropy_mask_drops_the_policy_term_but_keeps_kl_and_normalisation():
     assert loss.item() != pytest.approx(hand_loss("grpo", BETA), abs=1e-3)
 
 
+# Row 1 (advantage -0.8) drifted: its mean log π_sampling − log π over its three tokens is (0.2 + 0.8 + 0.5) / 3
+# = 0.5. Row 0 drifted as far (0.6) but has a positive advantage.
+SAMPLING_LOGPS = [[-0.4, 0.1, -1.4, 0.5], [-0.1, -0.4, -0.2, -5.0], [-2.5, -0.2, -1.0, -1.0]]
+
+
+@pytest.mark.parametrize(("threshold", "kept_rows"), [(0.3, [1, 0, 1]), (0.45, [1, 0, 1]), (0.55, [1, 1, 1])])
+def test_off_policy_mask_drops_drifted_negative_completions(threshold, kept_rows):
+    sequence_mask = off_policy_sequence_mask(torch.tensor(ADVANTAGES, dtype=torch.float64),
+                                             torch.tensor(LOGPS, dtype=torch.float64),
+                                             torch.tensor(SAMPLING_LOGPS, dtype=torch.float64),
+                                             torch.tensor(MASK, dtype=torch.float64), threshold)
+    assert sequence_mask.squeeze(1).tolist() == kept_rows
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_off_policy_masking_drops_the_policy_term_but_keeps_kl(loss_type):
+    logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
+    loss, _ = grpo_loss(logps, torch.tensor(OLD_LOGPS, dtype=torch.float64),
+                        torch.tensor(ADVANTAGES, dtype=torch.float64), torch.tensor(MASK), loss_type=loss_type,
+                        epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, beta=BETA,
+                        ref_logps=torch.tensor(REF_LOGPS, dtype=torch.float64), off_policy_mask_threshold=0.3,
+                        sampling_logps=torch.tensor(SAMPLING_LOGPS, dtype=torch.float64),
+                        max_completion_length=MAX_LEN)
+    kept = [[1] * 4, [0] * 4, [1] * 4]
+    assert loss.item() == pytest.approx(hand_loss(loss_type, BETA, kept=kept), abs=1e-6)
+    assert loss.item() != pytest.approx(hand_loss(loss_type, BETA), abs=1e-3)
+
+
+def test_off_policy_masking_without_engine_logprobs_measures_drift_from_the_old_policy():
+    # Row 1's mean log π_old − log π is (0.2 + 0 − 0.8) / 3 = −0.2: never above a positive threshold.
+    logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
+    loss, _ = grpo_loss(logps, torch.tensor(OLD_LOGPS, dtype=torch.float64),
+                        torch.tensor(ADVANTAGES, dtype=torch.float64), torch.tensor(MASK), loss_type="bnpo",
+                        epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, off_policy_mask_threshold=0.01)
+    assert loss.item() == pytest.approx(hand_loss("bnpo"), abs=1e-6)
+    old = [row[:] for row in OLD_LOGPS]
+    old[1] = [-0.2, -0.9, -0.6, -0.9]  # now (0.1 + 0.3 + 0.1) / 3 above log π
+    loss, _ = grpo_loss(logps, torch.tensor(old, dtype=torch.float64), torch.tensor(ADVANTAGES, dtype=torch.float64),
+                        torch.tensor(MASK), loss_type="bnpo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
+                        off_policy_mask_threshold=0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(hand_loss("bnpo", old=old, kept=[[1] * 4, [0] * 4, [1] * 4]), abs=1e-6)
+    assert torch.all(logps.grad[1] == 0)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_bias_corrected_kl_is_weighted_by_the_probability_ratio(loss_type, level):
+    logps = torch.tensor(LOGPS, dtype=torch.float64)
+    loss, stats = grpo_loss(logps, torch.tensor(OLD_LOGPS, dtype=torch.float64),
+                            torch.tensor(ADVANTAGES, dtype=torch.float64), torch.tensor(MASK), loss_type=loss_type,
+                            epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, importance_sampling_level=level, beta=BETA,
+                            ref_logps=torch.tensor(REF_LOGPS, dtype=torch.float64), kl_bias_correction=True,
+                            max_completion_length=MAX_LEN)
+    assert loss.item() == pytest.approx(hand_loss(loss_type, BETA, level=level, kl_correction=True), abs=1e-6)
+    weighted_kl = [hand_ratio(i, t, level) * (math.exp(REF_LOGPS[i][t] - LOGPS[i][t])
+                                              - (REF_LOGPS[i][t] - LOGPS[i][t]) - 1)
+                   for i in range(3) for t in range(4) if MASK[i][t]]
+    assert stats["kl"].item() == pytest.approx(sum(weighted_kl) / len(weighted_kl), abs=1e-9)
+
+
+@pytest.mark.parametrize("corrected", [True, False])
+def test_on_policy_bias_corrected_kl_gradient_is_the_log_ratio(corrected):
+    # With zero advantages only the KL term moves log π. Its on-policy gradient per token is (bnpo: ÷ 9 tokens)
+    # log π − log π_ref with the correction (that of the true KL), 1 − π_ref / π without (the k3 estimator's).
+    logps = torch.tensor(LOGPS, dtype=torch.float64, requires_grad=True)
+    loss, _ = grpo_loss(logps, logps.detach(), torch.zeros(3, dtype=torch.float64), torch.tensor(MASK),
+                        loss_type="bnpo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, beta=BETA,
+                        ref_logps=torch.tensor(REF_LOGPS, dtype=torch.float64), kl_bias_correction=corrected)
+    loss.backward()
+    for i in range(3):
+        for t in range(4):
+            log_ratio = LOGPS[i][t] - REF_LOGPS[i][t]
+            per_token = log_ratio if corrected else 1 - math.exp(-log_ratio)
+            expected = BETA * per_token / 9 if MASK[i][t] else 0.0
+            assert logps.grad[i, t].item() == pytest.approx(expected, abs=1e-12), (i, t)
+
+
 @pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
-def test_importance_sampling_weights_match_hand_computation(mode):
-    # Row 0 has a token ratio above the cap (e^0.6) and a sequence ratio above it (e^0.5); rows 1 and 2 don't.
+@pytest.mark.parametrize(("clip_min", "clip_max"), [(None, 1.5), (0.95, 1.5), (0.95, None)])
+def test_importance_sampling_weights_match_hand_computation(mode, clip_min, clip_max):
+    # Row 0 has a token ratio above 1.5 (e^0.6) and a sequence ratio above it (e^0.5); rows 0 and 1 have token
+    # ratios below 0.95 (e^-0.1), and row 1 a sequence ratio below it (e^-0.1).
     sampling = [[-1.0, -1.5, -1.8, -0.2], [-0.2, -1.1, -1.4, -0.3], [-2.1, -0.3, -1.0, -1.0]]
-    cap = 1.5
     weights = importance_sampling_weights(torch.tensor(OLD_LOGPS, dtype=torch.float64),
                                           torch.tensor(sampling, dtype=torch.float64), torch.tensor(MASK),
-                                          mode=mode, cap=cap)
+                                          mode=mode, clip_min=clip_min, clip_max=clip_max)
     level, constraint = mode.split("_")
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
     for i in range(3):
         sequence_log_ratio = sum(OLD_LOGPS[i][t] - sampling[i][t] for t in range(4) if MASK[i][t])
         for t in range(4):
             log_ratio = OLD_LOGPS[i][t] - sampling[i][t] if level == "token" else sequence_log_ratio
             ratio = math.exp(log_ratio)
-            expected = min(ratio, cap) if constraint == "truncate" else (0.0 if ratio > cap else ratio)
+            if constraint == "truncate":
+                expected = min(max(ratio, low), high)
+            else:
+                expected = ratio if low <= ratio <= high else 0.0
             assert weights[i, t].item() == pytest.approx(expected, abs=1e-12), (i, t)
     assert (weights == 0).any().item() == (constraint == "mask")
 
@@ -225,6 +315,42 @@ def test_group_advantages_match_hand_computation(scale):
     assert advantages.tolist() == pytest.approx(expected, abs=1e-9)
     # A group whose rewards are all equal has zero advantage whatever the scaling.
     assert advantages[4:].abs().max().item() == 0.0
+
+
+def test_groups_of_one_have_zero_std_and_zero_advantage():
+    rewards = torch.tensor([0.3, 1.0, -2.0], dtype=torch.float64)
+    assert group_std(rewards, 1).tolist() == [0.0, 0.0, 0.0]
+    for scale in ("group", "batch", "none"):
+        advantages, _ = group_advantages(rewards, 1, scale)
+        assert advantages.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_decoupled_advantages_normalise_each_reward_in_its_group_then_the_sum_over_the_batch():
+    # Two functions, two groups of three; the second function abstains (None) on one completion of group 0.
+    nan = float("nan")
+    per_func = [[1.0, 10.0], [0.0, nan], [2.0, 30.0], [5.0, 0.0], [5.0, 1.0], [2.0, 2.0]]
+    weights = [1.0, 0.5]
+
+    def normalised(column, group):
+        values = [per_func[r][column] for r in group if not math.isnan(per_func[r][column])]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        return {r: (per_func[r][column] - mean) / (std + 1e-4) for r in group if not math.isnan(per_func[r][column])}
+
+    totals = [0.0] * 6
+    for group in ([0, 1, 2], [3, 4, 5]):
+        for column, weight in enumerate(weights):
+            for row, value in normalised(column, group).items():
+                totals[row] += weight * value
+    mean = sum(totals) / 6
+    expected = [(t - mean) / (hand_std(totals) + 1e-4) for t in totals]
+
+    advantages = decoupled_group_advantages(torch.tensor(per_func, dtype=torch.float64),
+                                            torch.tensor(weights, dtype=torch.float64), 3)
+    assert advantages.tolist() == pytest.approx(expected, abs=1e-9)
+    summed, _ = group_advantages(combine_rewards(torch.tensor(per_func, dtype=torch.float64),
+                                                 torch.tensor(weights, dtype=torch.float64)), 3, "group")
+    assert summed.tolist() != pytest.approx(expected, abs=1e-3)
 
 
 def test_rewards_receive_columns_and_none_is_skipped_in_the_weighted_sum():

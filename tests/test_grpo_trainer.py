@@ -1,5 +1,6 @@
 """GRPOTrainer with transformers `generate` (use_vllm=False): it learns, and its inputs reach the rewards."""
 
+import math
 import threading
 
 import pytest
@@ -10,6 +11,8 @@ from transformers import AutoModelForCausalLM
 from flywheel import GRPOConfig, GRPOTrainer
 from flywheel.trainer import online_trainer
 from flywheel.trainer.gc_freeze import FreezeAfterFirstStep
+from flywheel.trainer.logprobs import completion_logps
+from flywheel.trainer.losses import grpo_loss
 from flywheel.trainer.prompts import decode_completions
 from flywheel.trainer.rewards import char_fraction_reward
 
@@ -173,6 +176,102 @@ def test_evaluate_returns_its_generation_metrics_so_the_best_checkpoint_can_be_c
     assert trainer.state.log_history[-1]["eval_reward"] == metrics["eval_reward"]
 
 
+def test_evaluation_samples_num_generations_eval_completions_per_prompt(tiny_checkpoints, tmp_path):
+    def by_position(completions, **kwargs):
+        return [1.0, 0.0, 3.0, 3.0][:len(completions)]
+
+    eval_dataset = Dataset.from_dict({"prompt": ["a", "b"]})
+    args = learning_args(tmp_path, per_device_train_batch_size=4, num_generations=4, num_generations_eval=2,
+                         per_device_eval_batch_size=4, max_steps=1)
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=by_position, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["a"] * 4}), eval_dataset=eval_dataset)
+    rows = next(iter(trainer.get_eval_dataloader()))
+    assert [row["prompt"] for row in rows] == ["a", "a", "b", "b"]
+    trainer.model.eval()
+    advantages = trainer._prepare_inputs(rows)["advantages"]()
+    # Groups of two: (1, 0) with std √0.5, and (3, 3).
+    half = 0.5 / (math.sqrt(0.5) + 1e-4)
+    assert advantages.tolist() == pytest.approx([half, -half, 0.0, 0.0], abs=1e-6)
+    assert "eval_loss" in trainer.evaluate()
+
+
+def test_normalize_then_sum_gives_each_reward_function_its_own_group_scale(tiny_checkpoints, tmp_path):
+    def small(completions, **kwargs):
+        return [0.0, 1.0, 0.0, 1.0]
+
+    def large(completions, **kwargs):
+        return [0.0, 0.0, 100.0, 0.0]
+
+    args = learning_args(tmp_path, per_device_train_batch_size=4, num_generations=4, max_steps=1,
+                         multi_objective_aggregation="normalize_then_sum")
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=[small, large], args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["a"] * 4}))
+    advantages = trainer._prepare_inputs([{"prompt": "a"}] * 4)["advantages"]()
+    # small: mean 0.5, std √(1/3); large: mean 25, std 50. Their normalised sum is then normalised over the four.
+    small_z = [(r - 0.5) / (math.sqrt(1 / 3) + 1e-4) for r in (0.0, 1.0, 0.0, 1.0)]
+    large_z = [(r - 25.0) / (50.0 + 1e-4) for r in (0.0, 0.0, 100.0, 0.0)]
+    totals = [a + b for a, b in zip(small_z, large_z)]
+    mean = sum(totals) / 4
+    std = math.sqrt(sum((t - mean) ** 2 for t in totals) / 3)
+    assert advantages.tolist() == pytest.approx([(t - mean) / (std + 1e-4) for t in totals], abs=1e-5)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_off_policy_masking_drops_negative_completions_the_policy_drifted_from(tiny_checkpoints, tmp_path):
+    """A sampler far from the policy (π_sampling > π everywhere) masks every negative-advantage completion: the
+    loss is the one whose negative advantages are 0."""
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction,
+                          args=learning_args(tmp_path, per_device_train_batch_size=8, max_steps=1,
+                                             off_policy_mask_threshold=0.5),
+                          train_dataset=Dataset.from_dict({"prompt": ["a"]}))
+    model = trainer.model.train()
+    batch = trainer._prepare_inputs([{"prompt": "Say:"}] * 8)
+    advantages = batch["advantages"]()
+    assert (advantages < 0).any() and (advantages > 0).any()
+    with torch.no_grad():
+        logps = trainer._logps(model, batch)
+    masked = trainer.compute_loss(model, {**batch, "sampling_logps": logps + 1.0})
+    kept = trainer.compute_loss(model, {**batch, "sampling_logps": logps + 0.4})
+    trainer.args.off_policy_mask_threshold = None
+    expected = trainer.compute_loss(model, {**batch, "advantages": lambda: advantages.clamp(min=0)})
+    plain = trainer.compute_loss(model, batch)
+    torch.testing.assert_close(masked, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(kept, plain, atol=1e-6, rtol=0)
+
+
+def test_use_bias_correction_kl_changes_the_kl_gradient_as_the_loss_function_does(tiny_checkpoints, tmp_path):
+    trainer = GRPOTrainer(model=tiny_checkpoints["qwen2"], reward_funcs=lowercase_fraction,
+                          args=learning_args(tmp_path, per_device_train_batch_size=8, max_steps=1, beta=0.5),
+                          train_dataset=Dataset.from_dict({"prompt": ["a"]}))
+    assert trainer.args.use_bias_correction_kl
+    model = trainer.model.train()
+    batch = trainer._prepare_inputs([{"prompt": "Say:"}] * 8)
+    batch["ref_logps"] = batch["ref_logps"] - 0.3 * batch["completion_mask"]  # a reference to be away from
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return [param.grad.clone() for param in model.parameters()]
+
+    def expected_gradients(corrected):
+        logps, _ = completion_logps(model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                                    batch["completion_mask"], temperature=trainer.args.temperature)
+        loss, _ = grpo_loss(logps, logps.detach(), batch["advantages"](), batch["loss_mask"], loss_type="dapo",
+                            epsilon_low=0.2, epsilon_high=0.2, beta=0.5, ref_logps=batch["ref_logps"],
+                            kl_bias_correction=corrected, num_items_in_batch=batch["tokens_per_micro_batch"])
+        return gradients(loss)
+
+    corrected = gradients(trainer.compute_loss(model, batch))
+    trainer.args.use_bias_correction_kl = False
+    plain = gradients(trainer.compute_loss(model, batch))
+    for grad, expected in zip(corrected, expected_gradients(True), strict=True):
+        torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+    for grad, expected in zip(plain, expected_gradients(False), strict=True):
+        torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(corrected, plain, strict=True))
+
+
 def test_rewards_are_computed_after_the_first_training_forward_is_launched(tiny_checkpoints, tmp_path,
                                                                           monkeypatch):
     events, decoding_threads = [], []
@@ -278,6 +377,18 @@ def test_sync_ref_model_mixes_the_policy_into_the_reference(tiny_checkpoints, tm
         (dict(beta=0.1, ref_model_mixup_alpha=0.0), "ref_model_mixup_alpha"),
         (dict(generation_kwargs={"n": 2}), "generation_kwargs cannot set n"),
         (dict(repetition_penalty=1e-9), "repetition_penalty must be in"),
+        (dict(num_generations_eval=0), "num_generations_eval must be >= 1"),
+        (dict(eval_strategy="steps", per_device_eval_batch_size=4, num_generations_eval=3),
+         "divisible by num_generations_eval"),
+        (dict(multi_objective_aggregation="mean"), "multi_objective_aggregation must be one of"),
+        (dict(multi_objective_aggregation="normalize_then_sum", scale_rewards="batch"),
+         "scale_rewards 'batch' does not apply"),
+        (dict(vllm_importance_sampling_cap=3.0, vllm_importance_sampling_clip_max=2.5), "two names of one bound"),
+        (dict(vllm_importance_sampling_clip_max=0.0), "vllm_importance_sampling_clip_max must be > 0"),
+        (dict(vllm_importance_sampling_clip_min=-0.1), "vllm_importance_sampling_clip_min must be >= 0"),
+        (dict(vllm_importance_sampling_clip_max=None), "both None"),
+        (dict(vllm_importance_sampling_clip_min=2.0), "must be below"),
+        (dict(off_policy_mask_threshold=0.0), "off_policy_mask_threshold must be > 0"),
     ],
 )
 def test_invalid_configs_fail_at_construction(tmp_path, overrides, message):
@@ -307,8 +418,26 @@ def test_config_resolves_generation_batch_and_keeps_trl_names(tmp_path):
                  "epsilon", "epsilon_high", "loss_type", "scale_rewards", "reward_weights",
                  "mask_truncated_completions", "log_completions", "importance_sampling_level", "delta",
                  "disable_dropout", "top_entropy_quantile", "sync_ref_model", "ref_model_mixup_alpha",
-                 "ref_model_sync_steps", "vllm_importance_sampling_mode"):
+                 "ref_model_sync_steps", "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
+                 "vllm_importance_sampling_clip_min", "off_policy_mask_threshold", "use_bias_correction_kl",
+                 "multi_objective_aggregation", "num_generations_eval"):
         assert helps.get(name), name
+    assert (args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max) == (None, 2.0)
+    assert args.use_bias_correction_kl and args.multi_objective_aggregation == "sum_then_normalize"
+    assert args.num_generations_eval == 8 and args.off_policy_mask_threshold is None
+
+
+@pytest.mark.parametrize(("given", "clip_max"), [
+    ({}, 2.0),
+    ({"vllm_importance_sampling_cap": 3.0}, 3.0),
+    ({"vllm_importance_sampling_clip_max": 2.5}, 2.5),
+    ({"vllm_importance_sampling_cap": 2.5, "vllm_importance_sampling_clip_max": 2.5}, 2.5),
+    ({"vllm_importance_sampling_clip_max": None, "vllm_importance_sampling_clip_min": 0.5}, None),
+])
+def test_vllm_importance_sampling_cap_is_the_older_name_of_clip_max(tmp_path, given, clip_max):
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none", **given)
+    assert args.vllm_importance_sampling_clip_max == clip_max
+    assert args.vllm_importance_sampling_cap == clip_max
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ from flywheel.trainer.rollout_config import RolloutTrainingArguments
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+DEFAULT_CLIP_MAX = 2.0
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
@@ -24,6 +26,11 @@ class GRPOConfig(RolloutTrainingArguments):
     num_generations: int = field(
         default=8,
         metadata={"help": "Completions sampled per prompt (the group whose mean reward is the baseline); >= 2."},
+    )
+    num_generations_eval: int | None = field(
+        default=None,
+        metadata={"help": "Completions sampled per prompt during evaluation (fewer saves time); >= 1, where a group "
+                          "of one has advantage 0. Default: num_generations."},
     )
     generation_batch_size: int | None = field(
         default=None,
@@ -110,6 +117,15 @@ class GRPOConfig(RolloutTrainingArguments):
         default=None,
         metadata={"help": "One weight per reward function (the total reward is the weighted sum). Default: all 1."},
     )
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={
+            "help": "How several reward functions make one advantage. 'sum_then_normalize': their weighted sum, "
+            "then normalised per scale_rewards. 'normalize_then_sum' (GDPO): each function's rewards normalised "
+            "within their group (mean and std, a function's None skipped), then the weighted sum, normalised by "
+            "the whole batch's mean and std; it takes scale_rewards 'group' only."
+        },
+    )
     mask_truncated_completions: bool = field(
         default=False,
         metadata={"help": "Leave completions that hit max_completion_length (no EOS) out of the loss."},
@@ -117,7 +133,7 @@ class GRPOConfig(RolloutTrainingArguments):
     vllm_importance_sampling_correction: bool = field(
         default=True,
         metadata={
-            "help": "With use_vllm, weight each token's loss by the ratio π_trainer / π_engine (capped, see "
+            "help": "With use_vllm, weight each token's loss by the ratio π_trainer / π_engine (bounded, see "
             "vllm_importance_sampling_mode) to correct the gap between the engine's and the trainer's "
             "probabilities."
         },
@@ -126,13 +142,43 @@ class GRPOConfig(RolloutTrainingArguments):
         default="token_truncate",
         metadata={
             "help": "How that ratio is taken: per 'token_…' or per completion, 'sequence_…' (the product of its "
-            "tokens' ratios, for all its tokens); above vllm_importance_sampling_cap it is capped ('…_truncate') "
-            "or set to 0 ('…_mask'). One of token_truncate, token_mask, sequence_truncate, sequence_mask."
+            "tokens' ratios, for all its tokens); outside [vllm_importance_sampling_clip_min, "
+            "vllm_importance_sampling_clip_max] it is clamped to the bound ('…_truncate') or set to 0 ('…_mask'). "
+            "One of token_truncate, token_mask, sequence_truncate, sequence_mask."
         },
     )
-    vllm_importance_sampling_cap: float = field(
-        default=2.0,
-        metadata={"help": "The importance-sampling ratio's cap C (see vllm_importance_sampling_mode)."},
+    vllm_importance_sampling_clip_max: float | None = field(
+        default=DEFAULT_CLIP_MAX,
+        metadata={"help": "Upper bound C_max of the importance-sampling ratio (see vllm_importance_sampling_mode), "
+                          "> 0; None: no upper bound."},
+    )
+    vllm_importance_sampling_clip_min: float | None = field(
+        default=None,
+        metadata={"help": "Lower bound C_min of the importance-sampling ratio (see vllm_importance_sampling_mode), "
+                          ">= 0 and below C_max; None: no lower bound. A '…_mask' mode with C_min and no C_max "
+                          "masks only the ratios below C_min."},
+    )
+    vllm_importance_sampling_cap: float | None = field(
+        default=None,
+        metadata={"help": "The older name of vllm_importance_sampling_clip_max; after construction it holds "
+                          "clip_max's value."},
+    )
+    off_policy_mask_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Off-policy sequence masking (δ of DeepSeek-V3.2): a completion with a negative advantage "
+            "whose mean per-token log π_sampling − log π_θ exceeds this (> 0, e.g. 0.5) is left out of the policy "
+            "term; π_sampling is the engine's logprobs when the rollout returns them, else the generating "
+            "policy's. None: no masking."
+        },
+    )
+    use_bias_correction_kl: bool = field(
+        default=True,
+        metadata={
+            "help": "Multiply the per-token KL penalty by the probability ratio π_θ / π_old (per token or sequence, "
+            "as importance_sampling_level), which makes it an unbiased estimate of the KL of π_θ from completions "
+            "of π_old (DeepSeek-V3.2). Only with beta > 0."
+        },
     )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the training prompts."})
     log_completions: bool = field(
@@ -161,6 +207,19 @@ class GRPOConfig(RolloutTrainingArguments):
             raise ValueError(
                 f"num_generations must be >= 2 (the group's mean reward is the baseline), got {self.num_generations}"
             )
+        if self.num_generations_eval is None:
+            self.num_generations_eval = self.num_generations
+        if self.num_generations_eval < 1:
+            raise ValueError(f"num_generations_eval must be >= 1, got {self.num_generations_eval}")
+        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            raise ValueError(f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, "
+                             f"got {self.multi_objective_aggregation!r}")
+        if self.multi_objective_aggregation == "normalize_then_sum" and self.scale_rewards != "group":
+            raise ValueError(
+                "multi_objective_aggregation 'normalize_then_sum' normalises each reward by its group and the sum "
+                f"by the batch; scale_rewards {self.scale_rewards!r} does not apply: leave it at 'group' or use "
+                "'sum_then_normalize'"
+            )
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.sync_ref_model and self.beta == 0:
@@ -188,9 +247,34 @@ class GRPOConfig(RolloutTrainingArguments):
         if self.vllm_importance_sampling_mode not in IMPORTANCE_SAMPLING_MODES:
             raise ValueError(f"vllm_importance_sampling_mode must be one of {IMPORTANCE_SAMPLING_MODES}, "
                              f"got {self.vllm_importance_sampling_mode!r}")
-        if self.vllm_importance_sampling_cap <= 0:
-            raise ValueError(f"vllm_importance_sampling_cap must be > 0, got {self.vllm_importance_sampling_cap}")
+        self._resolve_importance_sampling_bounds()
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold <= 0:
+            raise ValueError(f"off_policy_mask_threshold must be > 0 (e.g. 0.5) or None, "
+                             f"got {self.off_policy_mask_threshold}")
         self._resolve_generation_batch()
+
+    def _resolve_importance_sampling_bounds(self) -> None:
+        cap, clip_max, clip_min = (self.vllm_importance_sampling_cap, self.vllm_importance_sampling_clip_max,
+                                   self.vllm_importance_sampling_clip_min)
+        if cap is not None:
+            # clip_max at its default cannot be told from clip_max not given: the older name then sets it.
+            if clip_max not in (cap, DEFAULT_CLIP_MAX):
+                raise ValueError(
+                    f"vllm_importance_sampling_cap ({cap}) and vllm_importance_sampling_clip_max ({clip_max}) are "
+                    "two names of one bound: set only vllm_importance_sampling_clip_max"
+                )
+            clip_max = self.vllm_importance_sampling_clip_max = cap
+        self.vllm_importance_sampling_cap = clip_max
+        if clip_max is not None and clip_max <= 0:
+            raise ValueError(f"vllm_importance_sampling_clip_max must be > 0 or None, got {clip_max}")
+        if clip_min is not None and clip_min < 0:
+            raise ValueError(f"vllm_importance_sampling_clip_min must be >= 0 or None, got {clip_min}")
+        if clip_min is None and clip_max is None:
+            raise ValueError("vllm_importance_sampling_clip_min and vllm_importance_sampling_clip_max are both None, "
+                             "leaving the ratio unbounded: set one, or vllm_importance_sampling_correction=False")
+        if clip_min is not None and clip_max is not None and clip_min >= clip_max:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({clip_min}) must be below "
+                             f"vllm_importance_sampling_clip_max ({clip_max})")
 
     def _resolve_generation_batch(self) -> None:
         num_processes = self.world_size
@@ -219,9 +303,9 @@ class GRPOConfig(RolloutTrainingArguments):
             )
         if self.eval_strategy != "no":
             eval_batch = self.per_device_eval_batch_size * num_processes
-            if eval_batch % self.num_generations:
+            if eval_batch % self.num_generations_eval:
                 raise ValueError(
                     f"the global eval batch ({eval_batch} = per_device_eval_batch_size "
                     f"{self.per_device_eval_batch_size} × {num_processes} processes) must be divisible by "
-                    f"num_generations ({self.num_generations})"
+                    f"num_generations_eval ({self.num_generations_eval})"
                 )

@@ -22,7 +22,9 @@ from flywheel.trainer.rewards import (
     RewardModelScorer,
     combine_rewards,
     compute_rewards,
+    decoupled_group_advantages,
     group_advantages,
+    group_std,
     load_reward_funcs,
     reward_func_name,
 )
@@ -108,7 +110,7 @@ class GRPOTrainer(OnlineTrainer):
                              shuffle=args.shuffle_dataset, seed=args.seed)
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Sampler:
-        return RepeatSampler(eval_dataset, mini_repeat_count=self.args.num_generations, shuffle=False,
+        return RepeatSampler(eval_dataset, mini_repeat_count=self.args.num_generations_eval, shuffle=False,
                              seed=self.args.seed)
 
     # ---- rollouts ----
@@ -178,12 +180,17 @@ class GRPOTrainer(OnlineTrainer):
                                 columns, trainer_state=self.state)
         rewards_per_func = self.accelerator.gather(local.to(self.accelerator.device))
         rewards = combine_rewards(rewards_per_func, self.reward_weights)
-        advantages, group_std = group_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
+        num_generations = self.args.num_generations if mode == "train" else self.args.num_generations_eval
+        if self.args.multi_objective_aggregation == "normalize_then_sum":
+            advantages = decoupled_group_advantages(rewards_per_func, self.reward_weights, num_generations)
+            reward_std = group_std(rewards, num_generations)
+        else:
+            advantages, reward_std = group_advantages(rewards, num_generations, self.args.scale_rewards)
 
         # Recorded as tensors: reading them here would wait for the forward pass queued before scoring.
         self.metrics.add(mode, "reward", rewards.mean())
-        self.metrics.add(mode, "reward_std", group_std.mean())
-        self.metrics.add(mode, "frac_reward_zero_std", (group_std < 1e-6).float().mean())
+        self.metrics.add(mode, "reward_std", reward_std.mean())
+        self.metrics.add(mode, "frac_reward_zero_std", (reward_std < 1e-6).float().mean())
         for column, func in enumerate(self.reward_funcs):
             values = rewards_per_func[:, column]
             name = reward_func_name(func)
@@ -206,7 +213,8 @@ class GRPOTrainer(OnlineTrainer):
         tokens."""
         weights = importance_sampling_weights(old_logps, sampling_logps, mask,
                                               mode=self.args.vllm_importance_sampling_mode,
-                                              cap=self.args.vllm_importance_sampling_cap)
+                                              clip_min=self.args.vllm_importance_sampling_clip_min,
+                                              clip_max=self.args.vllm_importance_sampling_clip_max)
         low, high = masked_extremes(weights, mask)
         mean = torch.where(mask.any(), masked_mean(weights, mask), float("nan"))
         self.log_mean(mode, "sampling/importance_sampling_ratio/mean", mean)
@@ -269,7 +277,9 @@ class GRPOTrainer(OnlineTrainer):
             logps, old_logps, advantages, inputs["loss_mask"], loss_type=args.loss_type,
             epsilon_low=args.epsilon, epsilon_high=args.epsilon_high,
             importance_sampling_level=args.importance_sampling_level, delta=args.delta, beta=args.beta,
-            ref_logps=inputs.get("ref_logps"), importance_weights=importance_weights, entropy_mask=entropy_mask,
+            ref_logps=inputs.get("ref_logps"), kl_bias_correction=args.use_bias_correction_kl,
+            importance_weights=importance_weights, entropy_mask=entropy_mask,
+            off_policy_mask_threshold=args.off_policy_mask_threshold, sampling_logps=inputs.get("sampling_logps"),
             max_completion_length=args.max_completion_length, num_items_in_batch=inputs["tokens_per_micro_batch"],
         )
         self.log_mean(mode, "entropy", masked_mean(entropy.detach(), mask))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -30,12 +32,12 @@ IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate"
 
 
 def importance_sampling_weights(old_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, *,
-                                mode: str, cap: float) -> torch.Tensor:
+                                mode: str, clip_min: float | None, clip_max: float | None) -> torch.Tensor:
     """[B, T] weights π_old / π_engine that correct for the engine's probabilities differing from the trainer's.
 
     'token_*' weighs each token by its own ratio; 'sequence_*' weighs every token of a completion by the
-    completion's ratio (the product of its tokens'). '*_truncate' caps a ratio at `cap`; '*_mask' sets a
-    ratio above `cap` to 0, leaving those tokens out of the gradient.
+    completion's ratio (the product of its tokens'). '*_truncate' clamps a ratio into [clip_min, clip_max];
+    '*_mask' sets a ratio outside it to 0, leaving those tokens out of the gradient. A bound of None is no bound.
     """
     if mode not in IMPORTANCE_SAMPLING_MODES:
         raise ValueError(f"unknown importance-sampling mode {mode!r}; choose one of {IMPORTANCE_SAMPLING_MODES}")
@@ -44,8 +46,27 @@ def importance_sampling_weights(old_logps: torch.Tensor, sampling_logps: torch.T
     if level == "sequence":
         log_ratio = (log_ratio * mask).sum(-1, keepdim=True)
     ratio = torch.exp(log_ratio)
-    weights = ratio.clamp(max=cap) if constraint == "truncate" else ratio.masked_fill(ratio > cap, 0.0)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    if constraint == "truncate":
+        weights = ratio.clamp(low, high)
+    else:
+        weights = ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
     return weights.expand_as(old_logps)
+
+
+def off_policy_sequence_mask(advantages: torch.Tensor, logps: torch.Tensor, sampling_logps: torch.Tensor,
+                             mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[B, 1] off-policy sequence masking (DeepSeek-V3.2): 0 for a completion whose advantage is negative and
+    whose mean per-token log π_sampling − log π_θ over `mask` exceeds `threshold`, else 1.
+
+    `advantages` is [B]. A bad completion the policy has drifted far from misleads the update more than it
+    teaches; good completions are kept however stale.
+    """
+    log_ratio = (sampling_logps - logps.detach()) * mask
+    mean_kl = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    keep = (advantages.unsqueeze(1) >= 0) | (mean_kl <= threshold)
+    return keep.to(logps.dtype)
 
 
 def grpo_loss(
@@ -61,8 +82,11 @@ def grpo_loss(
     delta: float | None = None,
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
+    kl_bias_correction: bool = False,
     importance_weights: torch.Tensor | None = None,
     entropy_mask: torch.Tensor | None = None,
+    off_policy_mask_threshold: float | None = None,
+    sampling_logps: torch.Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -81,14 +105,21 @@ def grpo_loss(
         delta: with a value, the unclipped ratio is also capped at delta (two-sided clipping: a token
             with a negative advantage cannot weigh more than delta).
         beta: weight of the per-token KL to `ref_logps`.
+        kl_bias_correction: multiply the per-token KL by the probability ratio π_θ / π_old (at
+            `importance_sampling_level`, with its gradient), which makes it an unbiased estimate of the
+            KL of π_θ from samples of π_old (DeepSeek-V3.2).
         importance_weights: [B, T] weights π_old / π_engine (`importance_sampling_weights`), or None.
         entropy_mask: [B, T] 1 for the tokens whose policy term counts (`top_entropy_quantile`), or None;
             the KL term and the normalisation still count every token of `completion_mask`.
+        off_policy_mask_threshold: with a value, the policy term of a completion with a negative advantage
+            is dropped when its mean log π_sampling − log π_θ exceeds it (`off_policy_sequence_mask`).
+        sampling_logps: [B, T] log π of the policy that sampled the completions (the engine's); default
+            `old_logps`.
         max_completion_length: the normaliser of 'dr_grpo'.
         num_items_in_batch: the normaliser of 'dapo' (the step's token count); default: this batch's.
 
     Returns:
-        (loss, stats) with stats 'kl' (when beta > 0), 'clip_ratio/low', 'clip_ratio/high',
+        (loss, stats) with stats 'kl' (when beta > 0, as the loss weighs it), 'clip_ratio/low', 'clip_ratio/high',
         'clip_ratio/region' (fractions of tokens, detached).
     """
     mask = completion_mask.to(logps.dtype)
@@ -102,6 +133,10 @@ def grpo_loss(
     unclipped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)
     advantages = advantages.unsqueeze(1)
     per_token_loss = -torch.min(unclipped_ratio * advantages, clipped_ratio * advantages)
+    if off_policy_mask_threshold is not None:
+        reference = old_logps if sampling_logps is None else sampling_logps
+        per_token_loss = per_token_loss * off_policy_sequence_mask(advantages.squeeze(1), logps, reference, mask,
+                                                                   off_policy_mask_threshold)
     if importance_weights is not None:
         per_token_loss = per_token_loss * importance_weights
     if entropy_mask is not None:
@@ -111,6 +146,8 @@ def grpo_loss(
         if ref_logps is None:
             raise ValueError("beta != 0 needs ref_logps")
         kl = per_token_kl(logps, ref_logps)
+        if kl_bias_correction:
+            kl = kl * ratio
         per_token_loss = per_token_loss + beta * kl
         stats["kl"] = masked_mean(kl.detach(), mask)
 

@@ -144,6 +144,15 @@ def combine_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> to
     return (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
 
 
+def group_std(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """[N] the standard deviation of each reward's group of `num_generations` (contiguous); 0 for groups of one."""
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {num_generations}")
+    if num_generations == 1:
+        return torch.zeros_like(rewards)
+    return rewards.view(-1, num_generations).std(dim=1).repeat_interleave(num_generations)
+
+
 def group_advantages(rewards: torch.Tensor, num_generations: int,
                      scale_rewards: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages = reward − mean of its group of `num_generations`, divided by a std per `scale_rewards`.
@@ -151,16 +160,37 @@ def group_advantages(rewards: torch.Tensor, num_generations: int,
     `rewards` is [N] with the groups contiguous. Returns (advantages [N], group std [N]); 'group'
     divides by the group's std, 'batch' by the std of all N rewards, 'none' not at all (+1e-4 guards 0).
     """
-    if rewards.numel() % num_generations:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {num_generations}")
-    grouped = rewards.view(-1, num_generations)
-    group_mean = grouped.mean(dim=1).repeat_interleave(num_generations)
-    group_std = grouped.std(dim=1).repeat_interleave(num_generations)
+    std = group_std(rewards, num_generations)
+    group_mean = rewards.view(-1, num_generations).mean(dim=1).repeat_interleave(num_generations)
     advantages = rewards - group_mean
     if scale_rewards == "group":
-        advantages = advantages / (group_std + 1e-4)
+        advantages = advantages / (std + 1e-4)
     elif scale_rewards == "batch":
-        advantages = advantages / (rewards.std() + 1e-4)
+        advantages = advantages / (_batch_std(rewards) + 1e-4)
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
-    return advantages, group_std
+    return advantages, std
+
+
+def decoupled_group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor,
+                               num_generations: int) -> torch.Tensor:
+    """GDPO's advantages [N] of rewards [N, F]: each function's rewards normalised within their group (mean,
+    std + 1e-4; NaN skipped), their weighted sum, then that normalised over all N.
+
+    Normalising each function apart keeps one with a wide range from drowning the others' signal.
+    """
+    if rewards_per_func.size(0) % num_generations:
+        raise ValueError(f"{rewards_per_func.size(0)} rewards do not split into groups of {num_generations}")
+    grouped = rewards_per_func.view(-1, num_generations, rewards_per_func.size(1))
+    mean = grouped.nanmean(dim=1, keepdim=True)
+    count = (~grouped.isnan()).sum(dim=1, keepdim=True)
+    # A function scoring one completion of a group gets a NaN std (0/0), so it drops out of that row's sum.
+    std = (((grouped - mean) ** 2).nansum(dim=1, keepdim=True) / (count - 1)).sqrt()
+    normalised = ((grouped - mean) / (std + 1e-4)).flatten(0, 1)
+    total = (normalised * weights.unsqueeze(0)).nansum(dim=1)
+    return (total - total.mean()) / (_batch_std(total) + 1e-4)
+
+
+def _batch_std(values: torch.Tensor) -> torch.Tensor:
+    """The std of all values; 0 for a single one."""
+    return values.std() if values.numel() > 1 else torch.zeros((), dtype=values.dtype, device=values.device)
