@@ -196,20 +196,22 @@ class OnlineTrainer(Trainer):
         prompts = list(prompts)
         prompt_ids = tokenize_prompts(prompts, self.processing_class, self.args.max_prompt_length,
                                       self.args.chat_template_kwargs)
+        pad = self.processing_class.pad_token_id
+        prompt_tensor, prompt_mask = left_pad(prompt_ids, pad, device)
         with self.metrics.timed(mode, "weight_sync"):
             self.rollout.sync_weights(self.accelerator.unwrap_model(self.model), self.state.global_step)
         with self.metrics.timed(mode, "generation"):
             self.rollout.wake_up()
             output = self.rollout.generate(prompt_ids)
             self.rollout.sleep()
-        decoding = self._decoder.submit(decode_completions, prompts, output.completion_ids, self.processing_class)
-        pad = self.processing_class.pad_token_id
-        prompt_tensor, prompt_mask = left_pad(prompt_ids, pad, device)
         completion_tensor, completion_mask = right_pad(output.completion_ids, pad, device)
         sampling_logps = None
         if output.logprobs is not None:
             # In float64, the engine's own type: its rows are copied as bytes rather than converted.
             sampling_logps = right_pad(output.logprobs, 0, device, dtype=torch.float64)[0].float()
+        # Decoded while the GPU trains: submitted after the padding, whose Python it would otherwise
+        # slow down (the decoding holds the interpreter while it converts the rows).
+        decoding = self._decoder.submit(decode_completions, prompts, output.completion_ids, self.processing_class)
         generated = Generated(
             prompts=[reward_prompt(prompt) for prompt in prompts],
             completion_ids=output.completion_ids,
