@@ -2,6 +2,7 @@
 context window, checkpoints with their own modeling code, and a float32 language-modeling head."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -27,8 +28,8 @@ def grpo_args(tmp_path, **overrides):
     return GRPOConfig(**settings)
 
 
-def grpo_trainer(model, args, **kwargs):
-    return GRPOTrainer(model=model, reward_funcs=lowercase_fraction, args=args,
+def grpo_trainer(model, args, reward_funcs=lowercase_fraction, **kwargs):
+    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args,
                        train_dataset=Dataset.from_dict({"prompt": ["a"] * 4}), **kwargs)
 
 
@@ -158,3 +159,22 @@ def test_cast_lm_head_to_fp32_trains_both_heads_in_float32_and_refuses_tied_embe
     assert trainer.model(input_ids=torch.tensor([[72, 105]])).logits.dtype == torch.float32
     with pytest.raises(ValueError, match="ties them to its input embeddings"):
         grpo_trainer(tiny_checkpoints["qwen2"], args)
+
+
+def test_reward_models_from_a_path_load_the_tokenizer_code_they_ship_when_trusted(tiny_checkpoints, tmp_path):
+    path = tmp_path / "reward"
+    shutil.copytree(tiny_checkpoints["qwen2"], path)
+    (path / "tokenization_marked.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass MarkedTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n")
+    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_marked.MarkedTokenizer"]}
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+    def reward_tokenizer(**options):
+        trainer = grpo_trainer(tiny_checkpoints["qwen2"], grpo_args(tmp_path, **options),
+                               reward_funcs=[lowercase_fraction, str(path)])
+        return type(trainer.reward_funcs[1].tokenizer).__name__
+
+    assert reward_tokenizer() != "MarkedTokenizer"
+    assert reward_tokenizer(trust_remote_code=True) == "MarkedTokenizer"

@@ -64,7 +64,7 @@ class GRPOTrainer(OnlineTrainer):
             raise TypeError(f"args must be a GRPOConfig, got {type(args).__name__}")
         self._completion_sample: CompletionSample | None = None  # the next log prints it (log_completions)
         super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers)
-        self.reward_funcs = load_reward_funcs(reward_funcs, reward_processing_classes)
+        self.reward_funcs = load_reward_funcs(reward_funcs, reward_processing_classes, args.trust_remote_code)
         for func in self.reward_funcs:
             if isinstance(func, RewardModelScorer):
                 func.model = self.prepare_frozen_model(func.model)

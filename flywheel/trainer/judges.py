@@ -55,8 +55,8 @@ class RewardFunctionJudge(PairwiseJudge):
     def __init__(self, reward_funcs: RewardFunc | str | PreTrainedModel | Sequence[RewardFunc | str | PreTrainedModel],
                  reward_weights: Sequence[float] | None = None,
                  processing_classes: PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase | None] | None = None,
-                 ) -> None:
-        self.reward_funcs = load_reward_funcs(reward_funcs, processing_classes)
+                 trust_remote_code: bool = False) -> None:
+        self.reward_funcs = load_reward_funcs(reward_funcs, processing_classes, trust_remote_code)
         weights = list(reward_weights) if reward_weights is not None else [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions")
@@ -83,8 +83,9 @@ class RewardFunctionJudge(PairwiseJudge):
 class RewardModelJudge(RewardFunctionJudge):
     """Ranks by a reward model (a sequence-classification model with one logit), given by path or object."""
 
-    def __init__(self, model: str | PreTrainedModel, processing_class: PreTrainedTokenizerBase | None = None) -> None:
-        super().__init__([RewardModelScorer(model, processing_class)])
+    def __init__(self, model: str | PreTrainedModel, processing_class: PreTrainedTokenizerBase | None = None,
+                 trust_remote_code: bool = False) -> None:
+        super().__init__([RewardModelScorer(model, processing_class, trust_remote_code=trust_remote_code)])
 
 
 class RandomPairwiseJudge(PairwiseJudge):

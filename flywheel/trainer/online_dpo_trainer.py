@@ -65,7 +65,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers)
         if judge is None:
             judge = RewardFunctionJudge(reward_funcs if reward_funcs is not None else [reward_model],
-                                        args.reward_weights, reward_processing_classes)
+                                        args.reward_weights, reward_processing_classes, args.trust_remote_code)
             for func in judge.reward_funcs:
                 if isinstance(func, RewardModelScorer):
                     func.model = self.prepare_frozen_model(func.model)

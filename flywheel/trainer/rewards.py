@@ -23,11 +23,13 @@ class RewardModelScorer:
     """
 
     def __init__(self, model: str | PreTrainedModel, processing_class: PreTrainedTokenizerBase | None = None,
-                 *, batch_size: int = 32, max_length: int | None = None) -> None:
+                 *, batch_size: int = 32, max_length: int | None = None, trust_remote_code: bool = False) -> None:
         if isinstance(model, str):
-            model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+            model = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1,
+                                                                       trust_remote_code=trust_remote_code)
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path,
+                                                             trust_remote_code=trust_remote_code)
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
         if model.config.pad_token_id is None:
@@ -82,8 +84,10 @@ def char_fraction_reward(chars: str, name: str | None = None) -> RewardFunc:
 def load_reward_funcs(
     reward_funcs: RewardFunc | str | PreTrainedModel | Sequence[RewardFunc | str | PreTrainedModel],
     processing_classes: PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase | None] | None = None,
+    trust_remote_code: bool = False,
 ) -> list[RewardFunc]:
-    """Normalise reward functions, reward-model paths and reward models into a list of callables."""
+    """Normalise reward functions, reward-model paths (loaded with `trust_remote_code`) and reward models into a
+    list of callables."""
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     if not funcs:
         raise ValueError("reward_funcs is empty: give at least one reward function or reward model")
@@ -96,7 +100,7 @@ def load_reward_funcs(
     loaded: list[RewardFunc] = []
     for func, tokenizer in zip(funcs, processing_classes, strict=True):
         if isinstance(func, (str, PreTrainedModel)):
-            loaded.append(RewardModelScorer(func, tokenizer))
+            loaded.append(RewardModelScorer(func, tokenizer, trust_remote_code=trust_remote_code))
         elif callable(func):
             loaded.append(func)
         else:
