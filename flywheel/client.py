@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -34,14 +35,12 @@ class GenerationClient:
         """`request_timeout`: seconds to wait for an answer; None waits as long as the server takes (its
         --request_timeout bounds a generation)."""
         if base_url is None:
-            base_url = f"http://{host}:{server_port}"
-        parsed = urlparse(base_url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"base_url must look like http://HOST:PORT, got {base_url!r}")
+            base_url = f"http://{host}:{_port('server_port', server_port)}"
         self.base_url = base_url.rstrip("/")
-        self.host = parsed.hostname
-        self.group_port = group_port
-        self.request_timeout = request_timeout
+        self.host = _hostname(base_url)
+        self.group_port = _port("group_port", group_port)
+        self.request_timeout = None if request_timeout is None else _seconds("request_timeout", request_timeout)
+        connection_timeout = _seconds("connection_timeout", connection_timeout)
         api_key = api_key if api_key is not None else os.environ.get("FLYWHEEL_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.base_url, headers=headers,
@@ -237,6 +236,31 @@ class GenerationClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _hostname(base_url: str) -> str:
+    """The host of `base_url`, which must look like http://HOST:PORT."""
+    try:
+        parsed = urlparse(base_url)
+        valid = parsed.scheme in ("http", "https") and bool(parsed.hostname) and parsed.port != 0
+    except ValueError:  # a port that is not a number in 0..65535
+        valid = False
+    if not valid:
+        raise ValueError(f"base_url must look like http://HOST:PORT, got {base_url!r}")
+    return parsed.hostname
+
+
+def _port(name: str, port: Any) -> int:
+    if not (isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535):
+        raise ValueError(f"{name} must be a TCP port in 1..65535, got {port!r}")
+    return port
+
+
+def _seconds(name: str, value: Any) -> float:
+    # NaN or infinity would make the waits on the server endless.
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return value
 
 
 def _check_sendable(named_tensors: list[tuple[str, torch.Tensor]]) -> None:

@@ -19,10 +19,23 @@ def test_no_server_raises_connection_error_after_the_timeout():
     assert time.monotonic() - start < 5
 
 
-@pytest.mark.parametrize("base_url", ["localhost:8000", "ftp://host:1", "http://"])
+@pytest.mark.parametrize("base_url", ["localhost:8000", "ftp://host:1", "http://", "http://127.0.0.1:99999",
+                                      "http://127.0.0.1:abc", "http://[::1"])
 def test_malformed_base_url_is_refused(base_url):
     with pytest.raises(ValueError, match="base_url"):
         GenerationClient(base_url=base_url, connection_timeout=0.1)
+
+
+# A NaN or infinite timeout would make the wait for the server endless.
+@pytest.mark.parametrize("argument,value", [("server_port", 0), ("server_port", "8000"), ("group_port", 70000),
+                                            ("connection_timeout", float("nan")), ("connection_timeout", float("inf")),
+                                            ("connection_timeout", -1), ("request_timeout", float("nan"))])
+def test_a_bad_argument_is_refused_by_name_before_any_wait(argument, value):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=argument):
+        GenerationClient(**{"server_port": free_port(), "connection_timeout": 0.1, argument: value})
+
+    assert time.monotonic() - start < 1
 
 
 @pytest.mark.parametrize("wrapped", ["module._orig_mod.model.norm.weight", "_orig_mod.module.model.norm.weight",

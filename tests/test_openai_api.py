@@ -179,12 +179,23 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": HI, "logprobs": False, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": HI, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/chat/completions", {"messages": HI, "model": "other-model"}, 404, "model"),
+    # A lone surrogate, which JSON can escape, is no text a tokenizer can encode.
+    ("/v1/completions", {"prompt": "\ud800", "stream": True}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udfffb"}]}, 400, "messages"),
+    # JSON's true and false are no numbers (pydantic would read them as 1 and 0).
+    ("/v1/completions", {"prompt": [True, False]}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": HI, "n": True}, 400, "n"),
+    # Stop tokens outside the vocabulary would make the sampler fail (it masks them until min_tokens).
+    ("/v1/completions", {"prompt": "x", "min_tokens": 1, "stop_token_ids": [VOCAB_SIZE]}, 400, "stop_token_ids"),
+    ("/v1/chat/completions", {"messages": HI, "chat_template_kwargs": {"chat_template": "{{ messages }}"}}, 400,
+     "chat_template_kwargs"),
 ]
 
 
 @pytest.mark.parametrize("path,payload,status,field", BAD_REQUESTS, ids=[f"{b[0]}:{b[3]}" for b in BAD_REQUESTS])
 def test_bad_request_gets_openais_error_body_naming_the_field(http, path, payload, status, field):
-    response = http.post(path, json=payload)
+    # json.dumps escapes what httpx would send raw (a lone surrogate cannot be UTF-8 encoded).
+    response = http.post(path, content=json.dumps(payload), headers={"content-type": "application/json"})
 
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -230,6 +241,16 @@ def test_text_content_parts_are_joined_as_one_text(api):
 
     assert from_parts.usage.prompt_tokens == from_text.usage.prompt_tokens
     assert from_parts.choices[0].message.content == from_text.choices[0].message.content
+
+
+def test_trl_chat_takes_text_parts_too(http):
+    parts = [{"type": "text", "text": "be"}, {"type": "text", "text": "brief"}]
+    conversations = [[{"role": "user", "content": parts}], [{"role": "user", "content": "be\nbrief"}]]
+    response = http.post("/chat", json={"messages": conversations, **GREEDY})
+
+    assert response.status_code == 200, response.text
+    from_parts, from_text = response.json()["prompt_ids"]
+    assert from_parts == from_text
 
 
 OPTIONAL_FIELDS = ["temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias",

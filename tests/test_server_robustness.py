@@ -1,11 +1,12 @@
-"""Serving safely: request timeouts (streamed or not) and client disconnects abort work, a dead engine gives 503.
-(SIGTERM shutdown is shown in test_server_parallel.py.)"""
+"""Serving safely: request timeouts (streamed or not) and client disconnects abort work, bad input is refused
+before it reaches the engine, a dead engine gives 503. (SIGTERM shutdown is shown in test_server_parallel.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +114,82 @@ def test_an_update_whose_tensors_never_come_closes_the_group_on_both_ends(server
         client.update_model_params(model)
 
 
+# Each would reach the sampler and fail its step, and with it every request sharing the step.
+SAMPLER_FAILURES = [
+    ("/generate", {"prompts": ["hi"], "generation_kwargs": {"min_tokens": 2, "stop_token_ids": [2**63 - 1]}},
+     "generation_kwargs.stop_token_ids"),
+    ("/generate", {"prompts": ["hi"], "generation_kwargs": {"min_tokens": 2, "temperature": 1e39}},
+     "generation_kwargs.temperature"),
+    ("/chat", {"messages": [[{"role": "user", "content": "hi"}]], "temperature": 1e308,
+               "generation_kwargs": {"min_tokens": 2}}, "temperature"),
+]
+
+
+@pytest.mark.parametrize("path,payload,field", SAMPLER_FAILURES, ids=[f[2] for f in SAMPLER_FAILURES])
+def test_a_bad_request_is_refused_without_failing_the_requests_beside_it(server, path, payload, field):
+    beside = {}
+    neighbour = threading.Thread(target=lambda: beside.update(response=httpx.post(
+        f"{server.base_url}/generate", json={"prompts": ["x"] * 2, "max_tokens": 10}, timeout=30)))
+    neighbour.start()
+    time.sleep(0.1)
+    response = httpx.post(f"{server.base_url}{path}", json={"max_tokens": 3, **payload}, timeout=30)
+    neighbour.join()
+
+    assert response.status_code == 400 and response.json()["detail"].startswith(f"{field}: "), response.text
+    assert beside["response"].status_code == 200, beside["response"].text
+
+
+def test_top_k_beyond_the_vocabulary_samples_from_every_token(server):
+    def completion(top_k: int) -> list[int]:
+        body = {"prompts": ["hi"], "max_tokens": 8, "seed": 7, "top_k": top_k}
+        return httpx.post(f"{server.base_url}/generate", json=body, timeout=30).json()["completion_ids"]
+
+    assert completion(2**63) == completion(-1)
+
+
+@pytest.mark.parametrize("path,conversation", [("/chat", [[{"role": "user", "content": "hi"}]]),
+                                               ("/v1/chat/completions", [{"role": "user", "content": "hi"}])])
+def test_a_chat_template_sent_with_the_request_is_never_run(server, path, conversation):
+    endless = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+    body = {"messages": conversation, "chat_template_kwargs": {"chat_template": endless}}
+    response = httpx.post(f"{server.base_url}{path}", json=body, timeout=10)
+
+    assert response.status_code in (400, 422) and "chat_template_kwargs: 'chat_template'" in response.text
+    assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
+
+
+BAD_INPUTS = [
+    ("/generate", {"prompts": ["a\ud800"]}, "prompts[0]: '\\ud800' at character 1 is a lone surrogate"),
+    ("/chat", {"messages": [[{"role": "user", "content": "\udc00"}]]}, "messages[0][0].content: '\\udc00'"),
+    ("/generate", {"prompts": [[True, 5]]}, "prompts[0][0]: must be a number, not true or false"),
+    ("/generate", {"prompts": ["x"], "truncate_prompt_tokens": True}, "truncate_prompt_tokens: must be a number"),
+    ("/generate", {"prompts": ["x"], "generation_kwargs": {"seed": False}}, "generation_kwargs.seed: must be a number"),
+    ("/init_communicator", {"host": "http://127.0.0.1", "port": 1234, "world_size": 2},
+     "host: must be a host name or IP address, without scheme or port"),
+]
+
+
+@pytest.mark.parametrize("path,payload,detail", BAD_INPUTS, ids=[b[2].split(":")[0] for b in BAD_INPUTS])
+def test_bad_input_gets_4xx_naming_the_field(server, path, payload, detail):
+    # json.dumps escapes what httpx would send raw (a lone surrogate cannot be UTF-8 encoded).
+    response = httpx.post(f"{server.base_url}{path}", content=json.dumps(payload),
+                          headers={"content-type": "application/json"}, timeout=30)
+
+    assert response.status_code in (400, 422) and detail in response.json()["detail"], response.text
+
+
+@pytest.mark.parametrize("path,error", [("/generate", lambda r: r.json()["detail"]),
+                                        ("/v1/completions", lambda r: r.json()["error"]["message"])])
+@pytest.mark.parametrize("content,content_type,said", [
+    ('{"prompts": ["hi"], "prompt": "hi"}', "text/plain", "body: expected JSON sent with Content-Type: application/json"),
+    ('{"prompts": [', "application/json", "body: JSON decode error"),
+])
+def test_a_body_that_is_not_json_is_refused_saying_so(server, path, error, content, content_type, said):
+    response = httpx.post(f"{server.base_url}{path}", content=content, headers={"content-type": content_type})
+
+    assert response.status_code in (400, 422) and error(response).startswith(said), response.text
+
+
 def test_dead_engine_worker_gives_503_with_a_reason(server):
     (worker,) = engine_workers(server.process.pid)
     os.kill(worker, signal.SIGKILL)
@@ -124,5 +201,6 @@ def test_dead_engine_worker_gives_503_with_a_reason(server):
     assert generate.status_code == 503 and "restart" in generate.json()["detail"]
     with pytest.raises(ConnectionError, match="not healthy"):
         GenerationClient(base_url=server.base_url, connection_timeout=1)
+
 
 

@@ -6,8 +6,9 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, get_type_hints
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
@@ -26,6 +27,7 @@ from flywheel.server.openai_api import (
     named_field,
     openai_error,
     openai_validation_error,
+    validation_problems,
 )
 from flywheel.server.options import ServerOptions
 from flywheel.server.protocol import (
@@ -38,8 +40,9 @@ from flywheel.server.protocol import (
     SamplingFields,
     UpdateNamedParamRequest,
     WorldSizeResponse,
+    not_a_boolean,
 )
-from flywheel.server.workers import EngineRejected, WorkerDied, WorkerPool
+from flywheel.server.workers import EngineFailed, EngineRejected, WorkerDied, WorkerPool
 from flywheel.weight_sync import (
     CLIENT_SILENCE_S,
     DEFAULT_BUCKET_BYTES,
@@ -51,9 +54,12 @@ from flywheel.weight_sync import (
 logger = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.name != "extra"}
+BOOLEAN_SAMPLING_FIELDS = {name for name, hint in get_type_hints(SamplingParams).items() if hint is bool}
 SAMPLING_ADAPTER = TypeAdapter(SamplingParams)
 _DISCONNECT_POLL_S = 0.25
+# The engine samples in float32: outside these temperatures the scaled logits overflow or turn to NaN.
 MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 3.4e38
 DEFAULT_MAX_TOKENS = 16
 MAX_LOGPROBS = 20
 
@@ -72,6 +78,9 @@ class ServerState:
         self.vocab_size = vocab_size
         self.communicator_open = False
         self.communicator_lock = asyncio.Lock()
+        # Tokenizing a long text takes seconds, which /health and every other request would wait through
+        # on the event loop; one thread, since a tokenizer may not be used from two at once.
+        self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="flywheel-tokenizer")
 
     @property
     def max_prompt_length(self) -> int | None:
@@ -85,6 +94,22 @@ class ServerState:
         """max_tokens for a request that leaves it out: 16, as vLLM and TRL's server, within --max_tokens_limit."""
         limit = self.options.max_tokens_limit
         return DEFAULT_MAX_TOKENS if limit is None else min(DEFAULT_MAX_TOKENS, limit)
+
+    # -- prompts to token ids
+
+    async def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        return await self._tokenize(lambda: [encode_text(self.tokenizer, text) for text in texts])
+
+    async def encode_conversations(self, conversations: list[list[dict[str, Any]]],
+                                   template_kwargs: dict[str, Any]) -> list[list[int]]:
+        try:
+            return await self._tokenize(lambda: [encode_conversation(self.tokenizer, conversation, template_kwargs)
+                                                 for conversation in conversations])
+        except Exception as error:
+            raise HTTPException(400, f"messages: the chat template failed: {error}") from error
+
+    async def _tokenize(self, work: Callable[[], list[list[int]]]) -> list[list[int]]:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, work)
 
     # -- request checks (400 naming the field)
 
@@ -100,19 +125,21 @@ class ServerState:
         for index, ids in enumerate(prompt_ids):
             if not ids:
                 raise HTTPException(400, f"{field}[{index}]: the prompt is empty")
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise HTTPException(400, f"{field}[{index}]: token id {bad} is outside the vocabulary "
-                                         f"(0..{self.vocab_size - 1})")
             if limit is not None and len(ids) > limit:
                 raise HTTPException(400, f"{field}[{index}]: {len(ids)} tokens; the longest prompt this "
                                          f"server takes is {limit} tokens")
+            self.check_in_vocabulary(ids, f"{field}[{index}]")
             # max_tokens None means "until max_model_len": it always fits.
             if max_model_len is not None and max_tokens is not None and len(ids) + max_tokens > max_model_len:
                 room = max_model_len - len(ids)
                 raise HTTPException(400, f"{max_tokens_field}: {max_tokens} is too many for {field}[{index}]: at "
                                          f"most {room} (max_model_len {max_model_len} - {len(ids)} prompt tokens)")
         return prompt_ids
+
+    def check_in_vocabulary(self, token_ids: list[int], field: str) -> None:
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise HTTPException(400, f"{field}: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def fit_default_max_tokens(self, prompt_ids: list[list[int]], max_tokens: int | None) -> int | None:
         """`max_tokens` lowered to what the longest prompt leaves within max_model_len (for defaults);
@@ -143,6 +170,14 @@ class ServerState:
         def where(name: str) -> str:
             return f"generation_kwargs.{name}" if name in extra_names else name
 
+        for name, value in params.items():
+            if name in BOOLEAN_SAMPLING_FIELDS:
+                continue
+            try:
+                for item in value if isinstance(value, list) else [value]:
+                    not_a_boolean(item)
+            except ValueError as error:
+                raise HTTPException(400, f"{where(name)}: {error}") from error
         try:
             validated = SAMPLING_ADAPTER.validate_python(params)
         except ValidationError as error:
@@ -152,9 +187,13 @@ class ServerState:
         params = {name: getattr(validated, name) for name in SAMPLING_FIELDS}
         if params["n"] > self.options.max_n:
             raise HTTPException(400, f"{where('n')}: {params['n']} is more than this server's limit {self.options.max_n}")
-        if 0.0 < params["temperature"] < MIN_TEMPERATURE:
+        if 0.0 < params["temperature"] < MIN_TEMPERATURE or params["temperature"] > MAX_TEMPERATURE:
             raise HTTPException(400, f"{where('temperature')}: {params['temperature']} overflows the logits; use 0 "
-                                     f"for greedy or at least {MIN_TEMPERATURE}")
+                                     f"for greedy or a value in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
+        # Beyond the vocabulary, top_k keeps every token, as the vocabulary's size does (which the
+        # engine's int64 tensors hold).
+        params["top_k"] = min(params["top_k"], self.vocab_size)
+        self.check_in_vocabulary(params["stop_token_ids"], where("stop_token_ids"))
         if params["logprobs"] is not None and params["logprobs"] > MAX_LOGPROBS:
             raise HTTPException(400, f"{where('logprobs')}: must be in 0..{MAX_LOGPROBS} (or null), "
                                      f"got {params['logprobs']}")
@@ -234,6 +273,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         # Here rather than after uvicorn returns: uvicorn re-raises SIGTERM once it has shut down.
+        state.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(state.pool.shutdown)
 
     app = FastAPI(title="flywheel generation server", lifespan=lifespan,
@@ -257,15 +297,15 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = validation_problems(error)
+        content_type = request.headers.get("content-type", "")
+        if "json" not in content_type and any(tuple(problem["loc"]) == ("body",) for problem in error.errors()):
+            problems = [f"body: expected JSON sent with Content-Type: application/json, got {content_type or 'none'}"]
         if request.url.path.startswith(OPENAI_PREFIX):
-            return openai_validation_error(error)
-        parts = []
-        for problem in error.errors():
-            location = [str(p) for p in problem["loc"] if p != "body"]
-            parts.append(f"{'.'.join(location) or 'body'}: {problem['msg']}")
+            return openai_validation_error(problems)
         # Only loc/msg/type: the offending input may not even be JSON (NaN, Infinity).
         errors = [{key: problem[key] for key in ("loc", "msg", "type")} for problem in error.errors()]
-        return JSONResponse(status_code=422, content={"detail": "; ".join(parts), "errors": jsonable_encoder(errors)})
+        return JSONResponse(status_code=422, content={"detail": "; ".join(problems), "errors": jsonable_encoder(errors)})
 
     @app.exception_handler(WorkerDied)
     async def _worker_died(request: Request, error: WorkerDied) -> JSONResponse:
@@ -274,6 +314,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(EngineRejected)
     async def _engine_rejected(request: Request, error: EngineRejected) -> JSONResponse:
         return error_response(request.url.path, 400, f"the engine refused the request: {error}")
+
+    @app.exception_handler(EngineFailed)
+    async def _engine_failed(request: Request, error: EngineFailed) -> JSONResponse:
+        return error_response(request.url.path, 500, str(error))
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, error: ClientGone) -> Response:
@@ -293,7 +337,7 @@ def create_app(state: ServerState) -> FastAPI:
         """Generate completions for text prompts or token-id prompts."""
         params = state.sampling_params(body)
         if isinstance(body.prompts[0], str):
-            prompt_ids = [encode_text(state.tokenizer, prompt) for prompt in body.prompts]
+            prompt_ids = await state.encode_texts(body.prompts)
         else:
             prompt_ids = body.prompts
         prompt_ids = state.check_prompt_ids(state.truncate(prompt_ids, body), "prompts", params["max_tokens"])
@@ -303,11 +347,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(body: ChatRequest, request: Request) -> GenerateResponse:
         """Generate replies to conversations, rendered with the model's chat template."""
         params = state.sampling_params(body)
-        try:
-            prompt_ids = [encode_conversation(state.tokenizer, [m.model_dump(exclude_none=True) for m in conv],
-                                              body.chat_template_kwargs) for conv in body.messages]
-        except Exception as error:
-            raise HTTPException(400, f"messages: the chat template failed: {error}") from error
+        conversations = [[message.model_dump(exclude_none=True) for message in conversation]
+                         for conversation in body.messages]
+        prompt_ids = await state.encode_conversations(conversations, body.chat_template_kwargs)
         prompt_ids = state.check_prompt_ids(state.truncate(prompt_ids, body), "messages", params["max_tokens"])
         outputs = await state.generate(request, prompt_ids, params)
         return generate_response(outputs, params["logprobs"] is not None)

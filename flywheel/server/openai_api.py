@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from flywheel.server.protocol import ChatMessage
+from flywheel.server.protocol import ChatMessage, Float, Int, TemplateKwargs, Text
 
 logger = logging.getLogger(__name__)
 
@@ -58,25 +58,25 @@ class _OpenAIFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: Float = Field(1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(1.0, gt=0.0, le=1.0)
+    n: Int = Field(1, ge=1)
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: Int | None = None
+    presence_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] = Field(default_factory=dict)
     user: str | None = None
     # vLLM's extra sampling parameters, which OpenAI clients pass through `extra_body`.
-    top_k: int = Field(-1, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
+    top_k: Int = Field(-1, ge=-1)
+    min_p: Float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: Float = Field(1.0, gt=0.0)
+    min_tokens: Int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -95,8 +95,8 @@ class _OpenAIFields(BaseModel):
 
 
 class CompletionRequest(_OpenAIFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., min_length=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt: Text | list[Text] | list[Int] | list[list[Int]] = Field(..., min_length=1)
+    logprobs: Int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
     @field_validator("echo")
@@ -107,28 +107,12 @@ class CompletionRequest(_OpenAIFields):
         return value
 
 
-class OpenAIChatMessage(ChatMessage):
-    """A chat message whose content may also be a list of text parts, joined by newlines as vLLM does."""
-
-    @field_validator("content")
-    @classmethod
-    def _joined_text_parts(cls, content: str | list[Any] | None) -> str | None:
-        if not isinstance(content, list):
-            return content
-        for index, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"part {index} is of type {kind!r}; only text parts "
-                                 "({'type': 'text', 'text': ...}) are supported")
-        return "\n".join(part["text"] for part in content)
-
-
 class ChatCompletionRequest(_OpenAIFields):
-    messages: list[OpenAIChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: TemplateKwargs = Field(default_factory=dict)
 
     _top_logprobs_need_logprobs = field_validator("top_logprobs")(_only_with("logprobs"))
 
@@ -146,25 +130,28 @@ def named_field(message: str) -> str | None:
     return match.group(1) if match and match.group(1) != "body" else None
 
 
-def openai_validation_error(error: RequestValidationError) -> JSONResponse:
+def validation_problems(error: RequestValidationError) -> list[str]:
+    """Each problem of a request that does not fit the schema, once, as `field.path: what is wrong`."""
+    problems = (f"{_field_path(problem['loc'])}: {problem['msg'].removeprefix('Value error, ')}"
+                for problem in error.errors())
+    return list(dict.fromkeys(problems))
+
+
+def openai_validation_error(problems: list[str]) -> JSONResponse:
     """A request that does not fit the schema: 400 (as vLLM answers), naming each field that is wrong."""
-    problems = [(_request_location(problem["loc"]), problem["msg"].removeprefix("Value error, "))
-                for problem in error.errors()]
-    message = "; ".join(f"{_field_path(location)}: {text}" for location, text in problems)
-    first = problems[0][0] if problems else ()
-    param = first[0] if first and isinstance(first[0], str) else None
-    return JSONResponse(status_code=400, content=openai_error(400, message, param))
-
-
-def _request_location(location: tuple) -> tuple:
-    return location[1:] if location and location[0] == "body" else location
+    message = "; ".join(problems)
+    return JSONResponse(status_code=400, content=openai_error(400, message, named_field(message)))
 
 
 def _field_path(location: tuple) -> str:
-    """`messages[0].content` for pydantic's ("messages", 0, "content"); `body` for the body as a whole."""
+    """`messages[0].content` for pydantic's ("body", "messages", 0, "content"), without the labels pydantic
+    gives a union's members (`list[str]`); `body` for the body as a whole or a position in it."""
+    if location and location[0] == "body":
+        location = location[1:]
     if not location or not isinstance(location[0], str):
         return "body"
-    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in location).removeprefix(".")
+    parts = [part for part in location if isinstance(part, int) or part.isidentifier()]
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts).removeprefix(".")
 
 
 def _sampling(body: _OpenAIFields, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
@@ -177,8 +164,6 @@ def _sampling(body: _OpenAIFields, max_tokens: int | None, logprobs: int | None)
 
 
 def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
-    from flywheel.server.app import encode_conversation, encode_text
-
     served = state.options.model
     model_card = {"id": served, "object": "model", "created": 0, "owned_by": "flywheel"}
 
@@ -199,11 +184,11 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
         params = state.checked_sampling(_sampling(body, body.max_tokens or state.default_max_tokens, body.logprobs))
         prompts = body.prompt
         if isinstance(prompts, str):
-            prompt_ids = [encode_text(state.tokenizer, prompts)]
+            prompt_ids = await state.encode_texts([prompts])
         elif isinstance(prompts[0], int):
             prompt_ids = [prompts]
         elif isinstance(prompts[0], str):
-            prompt_ids = [encode_text(state.tokenizer, text) for text in prompts]
+            prompt_ids = await state.encode_texts(prompts)
         else:
             prompt_ids = prompts
         if body.max_tokens is None:
@@ -230,10 +215,7 @@ def add_openai_routes(app: FastAPI, state, dependencies: list) -> None:
         params = state.checked_sampling(
             _sampling(body, body.max_completion_tokens or body.max_tokens or default_max_tokens, top))
         conversation = [m.model_dump(exclude_none=True) for m in body.messages]
-        try:
-            prompt_ids = [encode_conversation(state.tokenizer, conversation, body.chat_template_kwargs)]
-        except Exception as error:
-            raise HTTPException(400, f"messages: the chat template failed: {error}") from error
+        prompt_ids = await state.encode_conversations([conversation], body.chat_template_kwargs)
         if body.max_completion_tokens is None and body.max_tokens is None:
             params["max_tokens"] = state.fit_default_max_tokens(prompt_ids, default_max_tokens)
         max_tokens_field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"

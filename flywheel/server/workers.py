@@ -32,6 +32,10 @@ class EngineRejected(ValueError):
     """The engine refused a request (for instance a prompt longer than the model allows)."""
 
 
+class EngineFailed(RuntimeError):
+    """The engine failed while running a request (its step raised); the server itself still serves."""
+
+
 class WorkerPool:
     """Starts the worker processes and routes requests and commands to them from asyncio code."""
 
@@ -252,7 +256,7 @@ class WorkerPool:
             elif kind == "rejected":
                 self._resolve(self._pending.get(message[2]), EngineRejected(message[3]))
             elif kind == "failed":
-                self._resolve(self._pending.get(message[2]), RuntimeError(message[3]))
+                self._resolve(self._pending.get(message[2]), EngineFailed(message[3]))
             elif kind == "reply":
                 _, _, call_id, ok, payload = message
                 with self._lock:
