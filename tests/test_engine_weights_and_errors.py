@@ -85,7 +85,7 @@ def test_a_parameter_or_its_storage_replaced_after_a_push_is_what_the_next_push_
         (dict(max_tokens=0), "max_tokens must be >= 1"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(temperature=-1.0), r"temperature must be in \[0, 3.403e\+38\]"),
         (dict(n=0), "n must be an integer >= 1"),
         (dict(top_k=-5), "top_k must be -1"),
         (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
@@ -94,6 +94,7 @@ def test_a_parameter_or_its_storage_replaced_after_a_push_is_what_the_next_push_
         (dict(skip_special_tokens=None), "skip_special_tokens must be true or false"),
         (dict(temperature="hot"), "temperature must be a finite number"),
         (dict(temperature=float("inf")), "temperature must be a finite number"),
+        (dict(temperature=1e39), r"temperature must be in \[0, 3.403e\+38\]"),
         (dict(repetition_penalty=1e-300), r"repetition_penalty must be in \[0.0001, 10000\]"),
         (dict(repetition_penalty=0.0), "repetition_penalty must be in"),
         (dict(top_k=2.5), "top_k must be an integer"),
@@ -116,6 +117,12 @@ def test_bad_prompts_raise(llm):
         llm.generate([], GREEDY)
     with pytest.raises(ValueError, match=r"n \(1000\) must be <= max_num_seqs"):
         llm.generate([[1, 2]], SamplingParams(n=1000))
+    with pytest.raises(ValueError, match=r"stop_token_ids must be in \[0, 272\); got \[9223372036854775807\]"):
+        llm.generate([[1, 2]], SamplingParams(min_tokens=2, stop_token_ids=[2**63 - 1]))
+    seeded = dict(temperature=1.0, max_tokens=8, seed=5, ignore_eos=True)
+    [whole] = llm.generate([[1, 2]], SamplingParams(top_k=2**63, **seeded))
+    [off] = llm.generate([[1, 2]], SamplingParams(top_k=-1, **seeded))
+    assert whole.outputs[0].token_ids == off.outputs[0].token_ids  # a top_k beyond the vocabulary keeps every token
     every_token = list(range(llm.engine.hf_config.vocab_size))
     with pytest.raises(ValueError, match="min_tokens: the stop tokens .* are every token"):
         llm.generate([[1, 2]], SamplingParams(min_tokens=2, stop_token_ids=every_token))

@@ -143,9 +143,12 @@ class LLMEngine:
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n ({params.n}) must be <= max_num_seqs ({self.config.max_num_seqs})")
         request = _Request(request_id, prompt, list(prompt_token_ids), stream)
-        stop_ids = self._stop_token_ids(params)
         vocab = self.hf_config.vocab_size
-        if params.min_tokens and len({t for t in stop_ids if 0 <= t < vocab}) == vocab:
+        outside = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}); got {outside[:5]}")
+        stop_ids = self._stop_token_ids(params)
+        if params.min_tokens and len(stop_ids) >= vocab:
             raise ValueError("min_tokens: the stop tokens (stop_token_ids, and EOS unless ignore_eos) are every token "
                              "of the vocabulary, so none can be generated before min_tokens; stop on fewer tokens")
         length_limit = min(len(prompt_token_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)

@@ -216,7 +216,8 @@ class Sampler:
     def _tensors(self, params) -> SamplingTensors:
         floats = torch.tensor([[p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
                                 p.frequency_penalty] for p in params], dtype=torch.float32).reshape(-1, 6)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], dtype=torch.long)
+        top_k = torch.tensor([min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size for p in params],
+                             dtype=torch.long)
         # One pinned copy: a copy from pageable memory may wait for the work queued on the GPU.
         floats, top_k = to_device([floats.t().contiguous(), top_k], self.device)
         temperature, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty = floats

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 MIN_REPETITION_PENALTY = 1e-4
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def repetition_penalty_problem(value: float) -> str | None:
@@ -68,7 +69,9 @@ class SamplingParams:
         for name in ("ignore_eos", "detokenize", "skip_special_tokens", "include_stop_str_in_output"):
             require(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         require(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
-        require(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
+        # The sampler divides float32 logits by it: beyond float32's range that is 0/inf, and NaN follows.
+        require(0.0 <= self.temperature <= FLOAT32_MAX,
+                f"temperature must be in [0, {FLOAT32_MAX:.4g}] (float32's range), got {self.temperature}")
         require(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         require(self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 (off) or >= 1, got {self.top_k}")
         require(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")

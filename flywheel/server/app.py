@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flywheel.engine.sampling import SamplingParams
+from flywheel.engine.sampling import FLOAT32_MAX, SamplingParams
 from flywheel.server.body_limit import BodyLimit
 from flywheel.server.openai_api import (
     OPENAI_PREFIX,
@@ -57,9 +57,8 @@ SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.name 
 BOOLEAN_SAMPLING_FIELDS = {name for name, hint in get_type_hints(SamplingParams).items() if hint is bool}
 SAMPLING_ADAPTER = TypeAdapter(SamplingParams)
 _DISCONNECT_POLL_S = 0.25
-# The engine samples in float32: outside these temperatures the scaled logits overflow or turn to NaN.
+# The engine samples in float32: below this temperature the scaled logits overflow (SamplingParams bounds it above).
 MIN_TEMPERATURE = 1e-3
-MAX_TEMPERATURE = 3.4e38
 DEFAULT_MAX_TOKENS = 16
 MAX_LOGPROBS = 20
 
@@ -182,14 +181,17 @@ class ServerState:
             validated = SAMPLING_ADAPTER.validate_python(params)
         except ValidationError as error:
             problem = error.errors()[0]
-            field = where(str(problem["loc"][0])) if problem["loc"] else "sampling parameters"
-            raise HTTPException(400, f"{field}: {problem['msg'].removeprefix('Value error, ')}") from error
+            message = problem["msg"].removeprefix("Value error, ")
+            # SamplingParams' own checks name their field first: "temperature must be ...".
+            named = str(problem["loc"][0]) if problem["loc"] else message.split(" ", 1)[0]
+            field = where(named) if named in params else "sampling parameters"
+            raise HTTPException(400, f"{field}: {message}") from error
         params = {name: getattr(validated, name) for name in SAMPLING_FIELDS}
         if params["n"] > self.options.max_n:
             raise HTTPException(400, f"{where('n')}: {params['n']} is more than this server's limit {self.options.max_n}")
-        if 0.0 < params["temperature"] < MIN_TEMPERATURE or params["temperature"] > MAX_TEMPERATURE:
+        if 0.0 < params["temperature"] < MIN_TEMPERATURE:
             raise HTTPException(400, f"{where('temperature')}: {params['temperature']} overflows the logits; use 0 "
-                                     f"for greedy or a value in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
+                                     f"for greedy or a value in [{MIN_TEMPERATURE}, {FLOAT32_MAX:.4g}]")
         # Beyond the vocabulary, top_k keeps every token, as the vocabulary's size does (which the
         # engine's int64 tensors hold).
         params["top_k"] = min(params["top_k"], self.vocab_size)
