@@ -91,13 +91,21 @@ class RecordingModel(torch.nn.Module):
         self.loaded.update({name: tensor.clone() for name, tensor in weights})
 
 
+def joined_group(model: RecordingModel, port: int, client_port: int | None = None
+                 ) -> tuple[SimpleNamespace, WeightSyncGroup]:
+    """Engine rank 0 (a stand-in runner) and the client (rank 1) joined in one Gloo group at `port`; the
+    client may reach the store through another port (a relay)."""
+    runner = SimpleNamespace(tp_rank=0, device="cpu", model=model)
+    weight_sync.rpc_start_join(runner, "127.0.0.1", port, 2, 0, "gloo", 30.0)
+    client = WeightSyncGroup("127.0.0.1", client_port or port, 1, 2, "gloo", torch.device("cpu"), 30.0)
+    weight_sync.rpc_finish_join(runner, 30.0)
+    return runner, client
+
+
 def run_update(model: RecordingModel, tensors, bucket_bytes: int) -> None:
     """One engine rank (rank 0) and the client (rank 1) in two threads of this process."""
     port = free_port()
-    runner = SimpleNamespace(tp_rank=0, device="cpu", model=model)
-    weight_sync.rpc_start_join(runner, "127.0.0.1", port, 2, 0, "gloo", 30.0)
-    client = WeightSyncGroup("127.0.0.1", port, 1, 2, "gloo", torch.device("cpu"), 30.0)
-    weight_sync.rpc_finish_join(runner, 30.0)
+    runner, client = joined_group(model, port)
     buckets = plan_buckets(specs_of(tensors), bucket_bytes)
 
     def engine_side() -> None:
@@ -132,10 +140,7 @@ def test_a_rank_that_fails_to_load_is_reported_to_the_client():
 
 def test_the_engine_ranks_see_the_client_heartbeat_until_the_client_closes():
     port = free_port()
-    runner = SimpleNamespace(tp_rank=0, device="cpu", model=RecordingModel())
-    weight_sync.rpc_start_join(runner, "127.0.0.1", port, 2, 0, "gloo", 30.0)
-    client = WeightSyncGroup("127.0.0.1", port, 1, 2, "gloo", torch.device("cpu"), 30.0)
-    weight_sync.rpc_finish_join(runner, 30.0)
+    runner, client = joined_group(RecordingModel(), port)
     try:
         client.start_heartbeat(interval_s=0.02)
         first = weight_sync.rpc_client_heartbeats(runner)
@@ -155,10 +160,7 @@ def test_the_engine_ranks_see_the_client_heartbeat_until_the_client_closes():
 
 def test_the_heartbeat_stops_when_the_client_group_is_dropped_without_closing():
     port = free_port()
-    runner = SimpleNamespace(tp_rank=0, device="cpu", model=RecordingModel())
-    weight_sync.rpc_start_join(runner, "127.0.0.1", port, 2, 0, "gloo", 30.0)
-    client = WeightSyncGroup("127.0.0.1", port, 1, 2, "gloo", torch.device("cpu"), 30.0)
-    weight_sync.rpc_finish_join(runner, 30.0)
+    runner, client = joined_group(RecordingModel(), port)
     try:
         client.start_heartbeat(interval_s=0.02)
         time.sleep(0.1)
@@ -223,11 +225,8 @@ def _shut(sock: socket.socket) -> None:
 
 def test_the_heartbeat_goes_on_over_a_new_connection_when_the_store_connection_is_cut():
     port = free_port()
-    runner = SimpleNamespace(tp_rank=0, device="cpu", model=RecordingModel())
-    weight_sync.rpc_start_join(runner, "127.0.0.1", port, 2, 0, "gloo", 30.0)
     relay = StoreRelay(port)
-    client = WeightSyncGroup("127.0.0.1", relay.port, 1, 2, "gloo", torch.device("cpu"), 30.0)
-    weight_sync.rpc_finish_join(runner, 30.0)
+    runner, client = joined_group(RecordingModel(), port, client_port=relay.port)
     try:
         client.start_heartbeat(interval_s=0.02)
         time.sleep(0.1)
@@ -248,10 +247,7 @@ def test_the_heartbeat_goes_on_over_a_new_connection_when_the_store_connection_i
 
 def test_the_heartbeat_never_counts_for_the_group_that_took_its_place():
     port = free_port()
-    runner = SimpleNamespace(tp_rank=0, device="cpu", model=RecordingModel())
-    weight_sync.rpc_start_join(runner, "127.0.0.1", port, 2, 0, "gloo", 30.0)
-    client = WeightSyncGroup("127.0.0.1", port, 1, 2, "gloo", torch.device("cpu"), 30.0)
-    weight_sync.rpc_finish_join(runner, 30.0)
+    runner, client = joined_group(RecordingModel(), port)
     client.start_heartbeat(interval_s=0.02)
     time.sleep(0.1)
     weight_sync.rpc_close(runner)  # the server closes the group while its client lives
