@@ -192,9 +192,6 @@ class ServerState:
         if 0.0 < params["temperature"] < MIN_TEMPERATURE:
             raise HTTPException(400, f"{where('temperature')}: {params['temperature']} overflows the logits; use 0 "
                                      f"for greedy or a value in [{MIN_TEMPERATURE}, {FLOAT32_MAX:.4g}]")
-        # Beyond the vocabulary, top_k keeps every token, as the vocabulary's size does (which the
-        # engine's int64 tensors hold).
-        params["top_k"] = min(params["top_k"], self.vocab_size)
         self.check_in_vocabulary(params["stop_token_ids"], where("stop_token_ids"))
         if params["logprobs"] is not None and params["logprobs"] > MAX_LOGPROBS:
             raise HTTPException(400, f"{where('logprobs')}: must be in 0..{MAX_LOGPROBS} (or null), "
