@@ -90,8 +90,10 @@ def run_mode(mode: str, checkpoint: str, options: argparse.Namespace, workdir: P
         if options.steps < 3 or not on_gpu:
             raise ValueError("--profile needs a GPU and --steps >= 3 (a profiler for each of the last two)")
         last = options.warmup + options.steps - 1
-        name_host_functions()
-        profiler = StepProfiler(torch_step=last - 1, out_prefix=Path(options.out).with_suffix(f".{mode}"))
+        if not options.profile_device_only:
+            name_host_functions()
+        profiler = StepProfiler(torch_step=last - 1, out_prefix=Path(options.out).with_suffix(f".{mode}"),
+                                device_only=options.profile_device_only)
         callbacks.append(profiler)
     trainer = GRPOTrainer(model=checkpoint, reward_funcs=char_fraction_reward("aeiou"), args=args,
                           train_dataset=dataset, callbacks=callbacks)
@@ -163,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="profile the last two timed steps (kernels per phase and the GPU's idle time by "
                              "host function, then host functions)")
+    parser.add_argument("--profile-device-only", action="store_true",
+                        help="with --profile: record the GPU's kernels only, so that the host runs at its own "
+                             "speed and the GPU's idle stretches are the unprofiled ones")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="grpo_step.json")
     options = parser.parse_args(argv)

@@ -21,7 +21,8 @@ from transformers import TrainerCallback
 
 PHASE_PREFIXES = ("train/", "eval/")
 RANGE_PREFIX = "host:"
-ATTRIBUTED_GAP_MS = 0.05  # idle stretches shorter than this are counted, not attributed
+ATTRIBUTED_GAP_MS = 0.05
+DECODE_KERNEL = "_decode_split_kernel"  # idle stretches shorter than this are counted, not attributed
 
 # The host functions of a step that get a named range while profiling: (module, owner or None, attribute).
 HOST_FUNCTIONS = [
@@ -95,10 +96,12 @@ def device_summary(prof: profile) -> list[str]:
     """The GPU's busy time over the step and within each phase's span on the GPU, with its largest kernels."""
     cuda = torch.autograd.DeviceType.CUDA
     on_gpu = [e for e in prof.events() if e.device_type == cuda]
-    kernels = [e for e in on_gpu if not e.name.startswith(PHASE_PREFIXES)]
-    phases = [e for e in on_gpu if e.name.startswith(PHASE_PREFIXES)]
+    # Named ranges have a copy on the GPU's timeline spanning their kernels and the idle time between them.
+    kernels = [e for e in on_gpu if not e.is_user_annotation]
+    phases = [e for e in on_gpu if e.is_user_annotation and e.name.startswith(PHASE_PREFIXES)]
     spans_all = sorted((k.time_range.start, k.time_range.end) for k in kernels)
-    lines = [f"GPU busy {busy_ms(spans_all):.1f} ms in the step", "    its longest idle stretches:"]
+    lines = [f"GPU busy {busy_ms(spans_all):.1f} ms in the step (kernels, copies and sets; "
+             f"{sum(k.time_range.elapsed_us() for k in kernels) / 1e3:.1f} ms summed)", "    its longest idle stretches:"]
     for gap_start, gap_ms in _idle_stretches(spans_all)[:8]:
         lines.append(f"    {gap_ms:8.1f} ms idle from {(gap_start - spans_all[0][0]) / 1e3:.1f} ms into the step")
     spans = sorted((e.name, e.time_range.start, e.time_range.end) for e in phases)
@@ -107,10 +110,45 @@ def device_summary(prof: profile) -> list[str]:
         lines.append(f"{name}: {(end - start) / 1e3:.1f} ms on the GPU's clock")
         lines += _largest(inside)
     outside = [k for k in kernels if not any(start <= k.time_range.start < end for _, start, end in spans)]
-    lines.append("outside the timed phases (training):")
-    lines += _largest(outside, count=40)
     ranges = [e for e in prof.events() if e.device_type != cuda and e.name.startswith(RANGE_PREFIX)]
+    # The rollout ends with its results on the host, so its kernels have all ended when its range does.
+    rollout_end = max((e.time_range.end for e in ranges if e.name.endswith("Rollout.generate")), default=None)
+    if rollout_end is None:
+        lines.append("outside the timed phases (training):")
+        lines += _largest(outside, count=40)
+    else:
+        lines.append("outside the timed phases, during the rollout:")
+        lines += _largest([k for k in outside if k.time_range.start < rollout_end], count=25)
+        lines.append("outside the timed phases, after the rollout (training):")
+        lines += _largest([k for k in outside if k.time_range.start >= rollout_end], count=100)
+    if not ranges:
+        return lines + idle_between_kernels(kernels)
     return lines + idle_attribution(_idle_stretches(spans_all), ranges)
+
+
+def idle_between_kernels(kernels: list) -> list[str]:
+    """Without host ranges (a device-only profile, whose host runs at its own speed): the GPU's idle time
+    before, during and after the rollout's decode kernels, and the kernels around the longest stretches."""
+    ordered = sorted(kernels, key=lambda k: k.time_range.start)
+    decode = [i for i, k in enumerate(ordered) if k.name == DECODE_KERNEL]
+    first, last = (decode[0], decode[-1]) if decode else (0, -1)
+    gaps, reach = [], ordered[0].time_range.end
+    for i, kernel in enumerate(ordered[1:], start=1):
+        if kernel.time_range.start > reach:
+            gaps.append((i, (kernel.time_range.start - reach) / 1e3))
+        reach = max(reach, kernel.time_range.end)
+    parts = {"before the first decode step": 0.0, "between decode steps": 0.0, "after the last decode step": 0.0}
+    for i, ms in gaps:
+        key = "before the first decode step" if i <= first else (
+            "between decode steps" if i <= last else "after the last decode step")
+        parts[key] += ms
+    lines = ["GPU idle (device-only profile): " + ", ".join(f"{ms:.1f} ms {where}" for where, ms in parts.items())]
+    lines.append("the longest idle stretches, between kernels:")
+    origin = ordered[0].time_range.start
+    for i, ms in sorted(gaps, key=lambda gap: -gap[1])[:25]:
+        lines.append(f"    {ms:7.2f} ms at {(ordered[i].time_range.start - origin) / 1e3:8.1f} ms: "
+                     f"{ordered[i - 1].name[:50]} → {ordered[i].name[:50]}")
+    return lines
 
 
 def idle_attribution(gaps: list[tuple[float, float]], ranges: list) -> list[str]:
@@ -158,15 +196,16 @@ def _largest(kernels: list, count: int = 15) -> list[str]:
     lines = [f"    {busy_ms([(k.time_range.start, k.time_range.end) for k in kernels]):.1f} ms busy, "
              f"{len(kernels)} kernels"]
     for name, (calls, us) in sorted(totals.items(), key=lambda item: -item[1][1])[:count]:
-        lines.append(f"    {name[:70]:<70} {calls:>6} {us / 1e3:>8.1f} ms")
+        lines.append(f"    {name[:110]:<110} {calls:>6} {us / 1e3:>8.1f} ms")
     return lines
 
 
 class StepProfiler(TrainerCallback):
     """Profiles optimizer step `torch_step` with torch.profiler and step `torch_step + 1` with cProfile."""
 
-    def __init__(self, torch_step: int, out_prefix: Path) -> None:
+    def __init__(self, torch_step: int, out_prefix: Path, device_only: bool = False) -> None:
         self.torch_step = torch_step
+        self.activities = [ProfilerActivity.CUDA] if device_only else [ProfilerActivity.CPU, ProfilerActivity.CUDA]
         self.out_prefix = out_prefix
         self._profiler: profile | None = None
         self._host: cProfile.Profile | None = None
@@ -175,7 +214,7 @@ class StepProfiler(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.torch_step:
             torch.cuda.synchronize()
-            self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self._profiler = profile(activities=self.activities)
             self._profiler.__enter__()
         elif state.global_step == self.torch_step + 1:
             self._host = cProfile.Profile()
