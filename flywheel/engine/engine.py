@@ -243,13 +243,10 @@ class LLMEngine:
     def _launch_next_decode(self, previous: _InFlightStep) -> None:
         """Launch the decode step after ``previous`` before its tokens are known, when that needs no
         preemption: every sequence of it that its pending token cannot end takes a placeholder."""
-        running = SequenceStatus.RUNNING
-        kept, seqs = [], []
-        for row, seq in enumerate(previous.rows):
-            # A sequence whose pending token reaches its length limit takes no further step.
-            if seq.status is running and len(seq.token_ids) + 1 < seq.length_limit:
-                kept.append(row)
-                seqs.append(seq)
+        running, rows = SequenceStatus.RUNNING, previous.rows
+        # A sequence whose pending token reaches its length limit takes no further step.
+        kept = [row for row, seq in enumerate(rows) if seq.status is running and len(seq.token_ids) + 1 < seq.length_limit]
+        seqs = rows if len(kept) == len(rows) else [rows[row] for row in kept]
         if not seqs or not self.sampler.can_draw_async(seqs):
             return
         for seq in seqs:
@@ -260,11 +257,13 @@ class LLMEngine:
                 seq.token_ids.pop()
             return
         ids = previous.draw.token_ids
-        if len(kept) < len(previous.rows):
+        stop_ids = previous.stop_ids
+        if seqs is not rows:
             ids = ids[to_device([torch.tensor(kept)], ids.device)[0]]
+            stop_ids = [stop_ids[row] for row in kept]
         self.stats.steps += 1
         logits = self.ranks.execute(self.runner.prepare(batch, input_ids=ids))
-        self._in_flight = _InFlightStep(seqs, [seq.stop_token_ids for seq in seqs], self.sampler.draw_async(logits, seqs))
+        self._in_flight = _InFlightStep(seqs, stop_ids, self.sampler.draw_async(logits, seqs))
 
     def _finish_step(self, rows: list[Sequence], sampled: SamplerOutput, stop_ids: list[set[int]]) -> list[RequestOutput]:
         finished = self._append_tokens(rows, sampled, stop_ids)
