@@ -7,6 +7,7 @@ functions (HOST_FUNCTIONS) get named ranges, so that the GPU's idle stretches ar
 
 from __future__ import annotations
 
+import bisect
 import cProfile
 import functools
 import importlib
@@ -21,8 +22,8 @@ from transformers import TrainerCallback
 
 PHASE_PREFIXES = ("train/", "eval/")
 RANGE_PREFIX = "host:"
-ATTRIBUTED_GAP_MS = 0.05
-DECODE_KERNEL = "_decode_split_kernel"  # idle stretches shorter than this are counted, not attributed
+ATTRIBUTED_GAP_MS = 0.05  # idle stretches shorter than this are counted, not attributed
+DECODE_KERNEL = "_decode_split_kernel"
 
 # The host functions of a step that get a named range while profiling: (module, owner or None, attribute).
 HOST_FUNCTIONS = [
@@ -130,13 +131,12 @@ def idle_between_kernels(kernels: list) -> list[str]:
     """Without host ranges (a device-only profile, whose host runs at its own speed): the GPU's idle time
     before, during and after the rollout's decode kernels, and the kernels around the longest stretches."""
     ordered = sorted(kernels, key=lambda k: k.time_range.start)
+    starts = [k.time_range.start for k in ordered]
     decode = [i for i, k in enumerate(ordered) if k.name == DECODE_KERNEL]
     first, last = (decode[0], decode[-1]) if decode else (0, -1)
-    gaps, reach = [], ordered[0].time_range.end
-    for i, kernel in enumerate(ordered[1:], start=1):
-        if kernel.time_range.start > reach:
-            gaps.append((i, (kernel.time_range.start - reach) / 1e3))
-        reach = max(reach, kernel.time_range.end)
+    # Each stretch as (index of the kernel that ends it, length in ms), longest first.
+    gaps = [(bisect.bisect_right(starts, gap_start), ms)
+            for gap_start, ms in _idle_stretches([(k.time_range.start, k.time_range.end) for k in ordered])]
     parts = {"before the first decode step": 0.0, "between decode steps": 0.0, "after the last decode step": 0.0}
     for i, ms in gaps:
         key = "before the first decode step" if i <= first else (
@@ -145,7 +145,7 @@ def idle_between_kernels(kernels: list) -> list[str]:
     lines = ["GPU idle (device-only profile): " + ", ".join(f"{ms:.1f} ms {where}" for where, ms in parts.items())]
     lines.append("the longest idle stretches, between kernels:")
     origin = ordered[0].time_range.start
-    for i, ms in sorted(gaps, key=lambda gap: -gap[1])[:25]:
+    for i, ms in gaps[:25]:
         lines.append(f"    {ms:7.2f} ms at {(ordered[i].time_range.start - origin) / 1e3:8.1f} ms: "
                      f"{ordered[i - 1].name[:50]} → {ordered[i].name[:50]}")
     return lines
